@@ -1,0 +1,239 @@
+"""Opening a Qwen3-VL checkpoint directory and reading its weights lazily.
+
+A checkpoint is what ``save_pretrained`` writes (or what the Hub serves): ``config.json``,
+``*.safetensors`` (optionally sharded with an index), tokenizer files and
+``preprocessor_config.json``. Presets (``tiny``, ``qwen3-vl-4b``) are materialised to such a
+directory first, so every model takes the same path.
+
+Weights are read tensor by tensor with ``safetensors.safe_open``: the vision tower can be
+built without touching the text weights, and the text decoder is streamed layer by layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import LoadError
+from .presets import PRESETS, materialize_preset
+from .tokens import SPECIAL_TOKENS
+
+ARCHITECTURE = "Qwen3VLForConditionalGeneration"
+MODEL_TYPE = "qwen3_vl"
+VISION_PREFIXES = ("model.visual.", "visual.")
+TEXT_PREFIXES = ("model.language_model.", "model.", "language_model.model.")
+
+
+def resolve_model_source(spec: str, *, cache_dir: Path | None = None, log=None) -> Path:
+    """``tiny`` / ``qwen3-vl-4b`` -> a materialised preset; anything else must be a directory."""
+    if spec in PRESETS:
+        return materialize_preset(spec, cache_dir, log=log)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        presets = ", ".join(sorted(PRESETS))
+        raise LoadError(f"--model {spec!r}: no such directory (presets: {presets})")
+    if not path.is_dir():
+        raise LoadError(f"--model {spec!r}: expected a checkpoint directory, got a file")
+    return path
+
+
+def _rope_dict(text_cfg: dict) -> dict:
+    # transformers 5.x writes `rope_parameters`; older checkpoints say `rope_scaling`.
+    rope = text_cfg.get("rope_parameters") or text_cfg.get("rope_scaling") or {}
+    return dict(rope)
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    path: Path
+    config: dict
+    preprocessor: dict
+
+    # ---- opening and validation -------------------------------------------------
+    @classmethod
+    def open(cls, path: Path | str) -> "Checkpoint":
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise LoadError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+        try:
+            config = json.loads(cfg_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise LoadError(f"{cfg_file}: cannot read ({e})") from None
+        archs = config.get("architectures") or []
+        mtype = config.get("model_type")
+        if ARCHITECTURE not in archs and mtype != MODEL_TYPE:
+            raise LoadError(
+                f"{path}: not a Qwen3-VL checkpoint (config.json architectures={archs}, model_type={mtype!r}; "
+                f"expected {ARCHITECTURE} / {MODEL_TYPE!r})"
+            )
+        text = config.get("text_config")
+        vision = config.get("vision_config")
+        if not isinstance(text, dict):
+            raise LoadError(f"{path}: config.json has no text_config")
+        if not isinstance(vision, dict):
+            raise LoadError(f"{path}: config.json has no vision_config")
+        rope = _rope_dict(text)
+        section = rope.get("mrope_section")
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        if not section:
+            raise LoadError(
+                f"{path}: text_config.rope_parameters.mrope_section (or rope_scaling.mrope_section) is missing; "
+                "Qwen3-VL needs the MRoPE sections"
+            )
+        if sum(section) != head_dim // 2:
+            raise LoadError(
+                f"{path}: text_config mrope_section {section} sums to {sum(section)}, expected head_dim/2 = {head_dim // 2}"
+            )
+        pre_file = path / "preprocessor_config.json"
+        if not pre_file.is_file():
+            raise LoadError(f"{path}: no preprocessor_config.json (the image processor settings are needed)")
+        preprocessor = json.loads(pre_file.read_text())
+        ck = cls(path=path, config=config, preprocessor=preprocessor)
+        ck._check_weights_present()
+        return ck
+
+    def check_tokenizer(self) -> None:
+        """The vocabulary must carry the vision tokens at the ids the config names."""
+        tok_file = self.path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise LoadError(f"{self.path}: no tokenizer.json")
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tok_file))
+        for field, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        ):
+            want = self.config.get(field, SPECIAL_TOKENS[token])
+            got = tok.token_to_id(token)
+            if got is None:
+                raise LoadError(f"{self.path}: tokenizer vocabulary lacks {token} (config.{field} = {want})")
+            if got != want:
+                raise LoadError(f"{self.path}: tokenizer maps {token} to {got} but config.{field} = {want}")
+
+    # ---- config accessors ----------------------------------------------------------
+    @property
+    def text_config(self) -> dict:
+        return self.config["text_config"]
+
+    @property
+    def vision_config(self) -> dict:
+        return self.config["vision_config"]
+
+    @property
+    def rope(self) -> dict:
+        return _rope_dict(self.text_config)
+
+    @property
+    def config_sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", self.text_config.get("tie_word_embeddings", False)))
+
+    def hf_config(self):
+        from transformers import Qwen3VLConfig
+
+        return Qwen3VLConfig.from_pretrained(self.path)
+
+    # ---- weights ----------------------------------------------------------------
+    def _weight_map(self) -> dict[str, Path]:
+        if hasattr(self, "_wmap"):
+            return self._wmap
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            data = json.loads(index.read_text())
+            wmap = {k: self.path / v for k, v in data["weight_map"].items()}
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise LoadError(f"{self.path}: no *.safetensors weights")
+            from safetensors import safe_open
+
+            wmap = {}
+            for f in files:
+                with safe_open(str(f), framework="pt") as fh:
+                    for k in fh.keys():
+                        wmap[k] = f
+        self._wmap = wmap
+        return wmap
+
+    def _check_weights_present(self) -> None:
+        wmap = self._weight_map()
+        for f in set(wmap.values()):
+            if not f.is_file():
+                raise LoadError(f"{self.path}: weight file {f.name} named by the index is missing")
+
+    def keys(self) -> list[str]:
+        return list(self._weight_map())
+
+    def tensor(self, key: str):
+        """One tensor as a torch tensor in its stored dtype."""
+        from safetensors import safe_open
+
+        f = self._weight_map().get(key)
+        if f is None:
+            raise LoadError(f"{self.path}: weight {key!r} not found")
+        with safe_open(str(f), framework="pt") as fh:
+            return fh.get_tensor(key)
+
+    def find(self, suffix: str, prefixes: tuple[str, ...]) -> str:
+        wmap = self._weight_map()
+        for p in prefixes:
+            if p + suffix in wmap:
+                return p + suffix
+        raise LoadError(f"{self.path}: weight {suffix!r} not found under any of {prefixes}")
+
+    def tensors_with_prefix(self, prefixes: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
+        """(name without prefix, tensor) for every weight under the first prefix that matches."""
+        wmap = self._weight_map()
+        for p in prefixes:
+            names = [k for k in wmap if k.startswith(p)]
+            if names:
+                by_file: dict[Path, list[str]] = {}
+                for k in names:
+                    by_file.setdefault(wmap[k], []).append(k)
+                from safetensors import safe_open
+
+                for f, ks in by_file.items():
+                    with safe_open(str(f), framework="pt") as fh:
+                        for k in ks:
+                            yield k[len(p):], fh.get_tensor(k)
+                return
+        raise LoadError(f"{self.path}: no weights under {prefixes}")
+
+    # ---- PyTorch modules ------------------------------------------------------------
+    def load_vision_tower(self, dtype=None):
+        """The Hugging Face ``Qwen3VLVisionModel`` with this checkpoint's weights (fp32 default)."""
+        import torch
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+        dtype = dtype or torch.float32
+        cfg = self.hf_config().vision_config
+        with torch.device("meta"):
+            model = Qwen3VLVisionModel(cfg)
+        state = {k: v.to(dtype) for k, v in self.tensors_with_prefix(VISION_PREFIXES)}
+        missing = set(model.state_dict()) - set(state)
+        if missing:
+            raise LoadError(f"{self.path}: vision weights missing: {sorted(missing)[:5]}")
+        model.load_state_dict(state, strict=True, assign=True)
+        # Non-persistent buffers (rotary inv_freq) are not in the checkpoint: recompute them.
+        rot = model.rotary_pos_emb
+        inv_freq, _ = rot.compute_axial_rope_parameters(cfg)
+        rot.inv_freq = inv_freq
+        rot.original_inv_freq = inv_freq.clone()
+        return model.eval()
+
+    def load_full_model(self, dtype=None):
+        """The whole ``Qwen3VLForConditionalGeneration`` (for parity on small models)."""
+        import torch
+        from transformers import Qwen3VLForConditionalGeneration
+
+        return Qwen3VLForConditionalGeneration.from_pretrained(self.path, dtype=dtype or torch.float32).eval()

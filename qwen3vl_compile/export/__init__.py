@@ -1,0 +1,1 @@
+"""Export of each graph kind (vision buckets, embedding, text decoder)."""

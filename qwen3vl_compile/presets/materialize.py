@@ -1,0 +1,184 @@
+"""Write a preset as an ordinary Hugging Face checkpoint directory.
+
+The compiler then loads it through exactly the code path a downloaded checkpoint takes.
+Directories are cached (keyed by a hash of config, seed and generator version) and built in
+a temporary directory that is renamed into place, so an interrupted build leaves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..tokens import SPECIAL_TOKENS
+from .configs import preset_config
+
+GENERATOR_VERSION = 1
+TINY_SEED = 1234
+TINY_INIT_STD = 0.2
+
+PREPROCESSOR_CONFIG = {
+    # Qwen3-VL checkpoint values (REFERENCE section 4), not the image processor class defaults.
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+    "processor_class": "Qwen3VLProcessor",
+    "do_resize": True,
+    "do_rescale": True,
+    "rescale_factor": 1.0 / 255.0,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "size": {"shortest_edge": 65536, "longest_edge": 16777216},
+}
+
+GENERATION_CONFIG = {
+    "bos_token_id": SPECIAL_TOKENS["<|endoftext|>"],
+    "eos_token_id": [SPECIAL_TOKENS["<|im_end|>"], SPECIAL_TOKENS["<|endoftext|>"]],
+    "pad_token_id": SPECIAL_TOKENS["<|endoftext|>"],
+    "do_sample": False,
+}
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("QWEN3VL_COMPILE_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "qwen3vl-compile"
+
+
+def _key(name: str, seed: int) -> str:
+    blob = json.dumps({"config": preset_config(name), "seed": seed, "v": GENERATOR_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def materialize_preset(name: str, cache_dir: Path | None = None, *, seed: int = TINY_SEED, log=None) -> Path:
+    """Return a checkpoint directory for preset ``name``, building it once if needed."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache_dir / f"{name}-{_key(name, seed)}"
+    if (target / "config.json").is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+    try:
+        if log:
+            log(f"building the {name!r} preset checkpoint (random weights, seed {seed}) in {target}")
+        if name == "tiny":
+            _write_tiny(tmp, seed)
+        else:
+            _write_random_large(tmp, name, seed)
+        write_tokenizer_files(tmp)
+        (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race with nobody: re-raise
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def write_tokenizer_files(out: Path) -> None:
+    from transformers import Qwen2Tokenizer
+
+    from .tokenizer import CHAT_TEMPLATE, build_tokenizer
+
+    tok = Qwen2Tokenizer(
+        tokenizer_object=build_tokenizer(),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+
+def build_tiny_model(seed: int = TINY_SEED):
+    """The embedded model, in memory, with large random weights (REFERENCE section 5).
+
+    Norm weights and biases are randomised too (Hugging Face initialises them to 1 and 0),
+    so a weight that an export forgets to load changes the outputs.
+    """
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = Qwen3VLConfig(**preset_config("tiny"))
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _write_tiny(out: Path, seed: int) -> None:
+    model = build_tiny_model(seed)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def _write_random_large(out: Path, name: str, seed: int, shard_bytes: int = 2 << 30) -> None:
+    """Random bf16 weights written tensor by tensor: memory stays at one shard, not the model."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = Qwen3VLConfig(**preset_config(name))
+    with torch.device("meta"):
+        meta = Qwen3VLForConditionalGeneration(config)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    shapes = [(k, tuple(v.shape)) for k, v in meta.state_dict().items() if k not in tied]
+    del meta
+    gen = torch.Generator().manual_seed(seed)
+    std = 0.02
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    files: list[tuple[str, list[str]]] = []
+
+    def flush():
+        nonlocal shard, size
+        if not shard:
+            return
+        fname = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        files.append((fname, list(shard)))
+        shard, size = {}, 0
+
+    for key, shape in shapes:
+        if key.endswith("bias"):
+            t = torch.zeros(shape)
+        elif "norm" in key:
+            t = torch.ones(shape)
+        else:
+            t = torch.randn(shape, generator=gen) * std
+        t = t.to(torch.bfloat16)
+        nbytes = t.numel() * 2
+        if size and size + nbytes > shard_bytes:
+            flush()
+        shard[key] = t
+        size += nbytes
+    flush()
+    total = len(files)
+    weight_map = {}
+    for i, (fname, keys) in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+        os.rename(out / fname, out / final)
+        weight_map.update({k: final for k in keys})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    cfg = config.to_dict()
+    cfg["dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -1,0 +1,1 @@
+"""Running a bundle: preprocessing, MRoPE positions, sessions, generation."""
