@@ -1,1 +1,12 @@
 """Graph passes over exported ONNX models, on onnx-ir."""
+
+# The order is the design: each graph kind runs exactly these passes, in this order.
+
+
+def vision_passes():
+    """Passes for a bucketed vision graph exported by torch.onnx."""
+    from .check_model import CheckModelPass
+    from .cleanup import CleanupPass
+    from .unify_index_types import UnifyIndexTypesPass
+
+    return (UnifyIndexTypesPass(), CleanupPass(), CheckModelPass())

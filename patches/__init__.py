@@ -1,1 +1,41 @@
-"""Reversible PyTorch patches of the Hugging Face Qwen3-VL code, applied only while exporting."""
+"""Reversible PyTorch patches of the Hugging Face Qwen3-VL vision code, applied only while
+exporting (one file per upstream target; each file's docstring says why export fails
+without it).
+
+    with vision_export_patches(visual, grids=[(1, 28, 28)]) as applied:
+        torch.onnx.export(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+from .base import Patch, apply_patches
+from .grids import PatchedGrids
+
+
+def vision_patches(visual, grids: Sequence[Sequence[int]]) -> list[Patch]:
+    """The patches that make ``visual`` (a ``Qwen3VLVisionModel``) exportable for ``grids``."""
+    from . import vision_attention, vision_attention_seqlens, vision_pos_embed, vision_position_ids, vision_rotary
+
+    g = PatchedGrids.of(grids)
+    merge = visual.spatial_merge_size
+    return [
+        vision_rotary.make_patch(max_positions=g.max_side),
+        vision_position_ids.make_patch(g, merge),
+        vision_pos_embed.make_patch(
+            g, visual.num_grid_per_side, merge, visual.interpolation_mode, visual.interpolation_align_corners
+        ),
+        vision_attention_seqlens.make_patch(g),
+        vision_attention.make_patch(),
+    ]
+
+
+@contextlib.contextmanager
+def vision_export_patches(visual, grids: Sequence[Sequence[int]]) -> Iterator[list[str]]:
+    with apply_patches(vision_patches(visual, grids)) as names:
+        yield names
+
+
+__all__ = ["Patch", "PatchedGrids", "apply_patches", "vision_patches", "vision_export_patches"]

@@ -1,0 +1,91 @@
+"""``qwen3vl-compile``: compile a Qwen3-VL checkpoint into a verified ONNX bundle.
+
+    qwen3vl-compile --model tiny --buckets 224,448 -o OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .buckets import parse_buckets
+from .config import GRAPH_KINDS, PRECISIONS, CompileConfig
+from .errors import Qwen3VLCompileError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qwen3vl-compile",
+        description="Compile a Hugging Face Qwen3-VL checkpoint into a verified, bucketed ONNX bundle.",
+    )
+    p.add_argument("--model", default="tiny", help="checkpoint directory, or a preset: tiny (default), qwen3-vl-4b")
+    p.add_argument("--buckets", default="224,448", help="vision image sizes, e.g. 224,448,448x672 (HEIGHTxWIDTH)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="bundle directory to create")
+    p.add_argument("--precision", default="int4", choices=PRECISIONS, help="text decoder precision (default int4)")
+    p.add_argument("--block-size", type=int, default=32, help="INT4 quantization block size (default 32)")
+    p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (default 4: int8 compute)")
+    p.add_argument("--keep-lm-head-fp", action="store_true", help="do not quantize lm_head in int4 mode")
+    p.add_argument("--graphs", default=",".join(GRAPH_KINDS), help="which graphs to build (default: all)")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity gate (figures are then not measured)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--threads", type=int, default=0, help="threads for PyTorch and ONNX Runtime (0: library default)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where presets are materialised")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", default=None, help="show progress even when not on a terminal")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("inspect", "verify"):
+        from . import bundle_cli
+
+        return bundle_cli.main(argv)
+    args = _parser().parse_args(argv)
+    try:
+        cfg = CompileConfig(
+            model=args.model,
+            output=args.output,
+            buckets=parse_buckets(args.buckets),
+            precision=args.precision,
+            block_size=args.block_size,
+            accuracy_level=args.accuracy_level,
+            keep_lm_head_fp=args.keep_lm_head_fp,
+            graphs=tuple(g.strip() for g in args.graphs.split(",") if g.strip()),
+            verify=not args.no_verify,
+            force=args.force,
+            threads=args.threads,
+            cache_dir=args.cache_dir,
+            verbose=False if args.quiet else args.verbose,
+            command=tuple(["qwen3vl-compile", *argv]),
+        )
+        from .compiler import compile_bundle
+
+        manifest = compile_bundle(cfg)
+    except Qwen3VLCompileError as e:
+        print(f"qwen3vl-compile: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("qwen3vl-compile: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    _print_summary(cfg, manifest)
+    return 0
+
+
+def _print_summary(cfg: CompileConfig, manifest: dict) -> None:
+    print(f"wrote {cfg.output}")
+    for name, g in manifest["graphs"].items():
+        parity = manifest["parity"].get(name)
+        if parity:
+            worst = max(o["max_rel"] for case in parity["cases"].values() for o in case.values())
+            verdict = f"parity max rel err {worst:.2e} ({'ok' if parity['passed'] else 'FAILED'})"
+        else:
+            verdict = "parity not verified"
+        print(f"  {g['file']:<28} {g['kind']:<9} {g['precision']:<5} {verdict}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

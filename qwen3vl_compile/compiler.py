@@ -1,0 +1,124 @@
+"""The compile pipeline, in numbered stages with typed errors:
+
+1. load     resolve the model (preset or directory), validate config and tokenizer
+2. export   one vision graph per bucket (patches -> torch.onnx -> passes)
+3. verify   parity of every graph against unpatched Hugging Face code
+4. write    assets, manifest with hashes, atomic move into place
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+from pathlib import Path
+
+from .bundle import BundleWriter
+from .checkpoint import Checkpoint, resolve_model_source
+from .config import CompileConfig
+from .errors import LoadError, VerifyError
+from .manifest import hash_files, new_manifest, write_manifest
+from .presets import PRESETS
+from .progress import Progress
+
+ASSET_FILES = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict:
+    """Run the whole compile; return the manifest. Raises a typed error on any failure."""
+    progress = progress or Progress(enabled=cfg.verbose)
+    writer = BundleWriter(cfg.output, force=cfg.force)
+    writer.check_target()  # fail before any expensive work
+    manifest = new_manifest(list(cfg.command))
+    manifest["options"] = cfg.options_json()
+
+    with progress.stage("load"):
+        path = resolve_model_source(cfg.model, cache_dir=cfg.cache_dir, log=progress.log)
+        ck = Checkpoint.open(path)
+        ck.check_tokenizer()
+        _check_bucket_geometry(ck, cfg)
+        manifest["source"] = {
+            "model": cfg.model,
+            "preset": cfg.model if cfg.model in PRESETS else None,
+            "path": str(Path(path).resolve()),
+            "architecture": (ck.config.get("architectures") or ["?"])[0],
+            "config_sha256": ck.config_sha256,
+        }
+        manifest["processor"] = ck.preprocessor
+        gen = Path(path) / "generation_config.json"
+        manifest["generation"] = _read_json(gen) if gen.is_file() else {}
+    _set_threads(cfg.threads)
+
+    with writer as staging:
+        failures: list[str] = []
+        if "vision" in cfg.graphs:
+            failures += _vision(ck, cfg, staging, manifest, progress)
+        if failures:
+            raise VerifyError("parity check failed (no bundle written; use --no-verify to keep it anyway)", failures)
+        with progress.stage("write"):
+            for name in ASSET_FILES:
+                src = Path(path) / name
+                if src.is_file():
+                    shutil.copy2(src, staging / name)
+            manifest["timings"] = dict(progress.timings)
+            manifest["peak_rss_bytes"] = peak_rss_bytes()
+            hash_files(staging, manifest)
+            write_manifest(staging, manifest)
+        writer.commit()
+    return manifest
+
+
+def _vision(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
+    from .export.vision import export_vision_bucket, graph_name, verify_vision_bucket
+
+    with progress.stage("load vision tower"):
+        visual = ck.load_vision_tower()
+    failures = []
+    for bucket in cfg.buckets:
+        name = graph_name(bucket)
+        with progress.stage(f"export {name} (grid {bucket.grid_thw[1]}x{bucket.grid_thw[2]})"):
+            report = export_vision_bucket(visual, bucket, staging)
+        manifest["graphs"][name] = report
+        manifest["buckets"].append({**bucket.to_json(), "graph": report["file"]})
+        if cfg.verify:
+            with progress.stage(f"verify {name}"):
+                parity = verify_vision_bucket(staging / report["file"], visual, bucket, threads=cfg.threads)
+            manifest["parity"][name] = parity.to_json()
+            failures += parity.failures()
+    del visual
+    return failures
+
+
+def _check_bucket_geometry(ck: Checkpoint, cfg: CompileConfig) -> None:
+    v = ck.vision_config
+    patch, merge = v.get("patch_size", 16), v.get("spatial_merge_size", 2)
+    for b in cfg.buckets:
+        if (b.patch_size, b.merge_size) != (patch, merge):
+            raise LoadError(
+                f"checkpoint has patch {patch} / merge {merge}; buckets were parsed for {b.patch_size} / {b.merge_size}"
+            )
+
+
+def _set_threads(n: int) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _read_json(p: Path) -> dict:
+    import json
+
+    return json.loads(p.read_text())

@@ -1,0 +1,55 @@
+"""The one frozen configuration object the CLI builds and passes down."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .buckets import VisionBucket
+from .errors import UsageError
+
+PRECISIONS = ("fp32", "fp16", "int4")
+GRAPH_KINDS = ("vision", "embedding", "decoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileConfig:
+    model: str
+    output: Path
+    buckets: tuple[VisionBucket, ...]
+    precision: str = "int4"
+    block_size: int = 32
+    accuracy_level: int = 4
+    keep_lm_head_fp: bool = False
+    graphs: tuple[str, ...] = GRAPH_KINDS
+    verify: bool = True
+    force: bool = False
+    threads: int = 0
+    cache_dir: Path | None = None
+    verbose: bool | None = None
+    command: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        unknown = [g for g in self.graphs if g not in GRAPH_KINDS]
+        if unknown or not self.graphs:
+            raise UsageError(f"--graphs: unknown graph kind(s) {unknown}; choose from {', '.join(GRAPH_KINDS)}")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise UsageError(f"--block-size {self.block_size}: choose 16, 32, 64, 128 or 256")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UsageError(f"--accuracy-level {self.accuracy_level}: choose 0..4")
+        if "vision" in self.graphs and not self.buckets:
+            raise UsageError("--buckets: at least one bucket is needed to build vision graphs")
+
+    def options_json(self) -> dict:
+        return {
+            "precision": self.precision,
+            "block_size": self.block_size,
+            "accuracy_level": self.accuracy_level,
+            "keep_lm_head_fp": self.keep_lm_head_fp,
+            "graphs": list(self.graphs),
+            "buckets": [b.name for b in self.buckets],
+            "verify": self.verify,
+            "threads": self.threads,
+        }

@@ -1,0 +1,83 @@
+"""Parity: measure first (max abs and relative error per output), then judge against one
+tolerance table keyed by (graph kind, precision). Every failure is collected; the caller
+fails once with the full list.
+
+Relative error is ``max|actual - reference| / max|reference|`` over the whole output: a
+scale-aware bound that does not blow up on near-zero elements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# (graph kind, precision) -> maximum relative error.
+TOLERANCES: dict[tuple[str, str], float] = {
+    ("vision", "fp32"): 1e-4,
+    ("embedding", "fp32"): 1e-6,
+    ("decoder", "fp32"): 1e-4,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputParity:
+    name: str
+    max_abs: float
+    max_rel: float
+    reference_max_abs: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.max_rel)) and self.max_rel <= self.tolerance
+
+    def to_json(self) -> dict:
+        return {
+            "max_abs": float(f"{self.max_abs:.3e}"),
+            "max_rel": float(f"{self.max_rel:.3e}"),
+            "reference_max_abs": float(f"{self.reference_max_abs:.4g}"),
+            "tolerance_max_rel": self.tolerance,
+            "passed": self.passed,
+        }
+
+
+def measure(name: str, actual: np.ndarray, reference: np.ndarray, tolerance: float) -> OutputParity:
+    actual = np.asarray(actual, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    if actual.shape != reference.shape:
+        return OutputParity(name, float("inf"), float("inf"), float(np.abs(reference).max(initial=0)), tolerance)
+    diff = float(np.abs(actual - reference).max(initial=0.0))
+    scale = float(np.abs(reference).max(initial=0.0))
+    rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+    return OutputParity(name, diff, rel, scale, tolerance)
+
+
+@dataclasses.dataclass
+class GraphParity:
+    graph: str
+    kind: str
+    precision: str
+    reference: str
+    cases: dict[str, list[OutputParity]]
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for outs in self.cases.values() for o in outs)
+
+    def failures(self) -> list[str]:
+        return [
+            f"{self.graph} [{case}] {o.name}: relative error {o.max_rel:.3e} > {o.tolerance:.0e} (max abs {o.max_abs:.3e})"
+            for case, outs in self.cases.items()
+            for o in outs
+            if not o.passed
+        ]
+
+    def to_json(self) -> dict:
+        return {
+            "kind": self.kind,
+            "precision": self.precision,
+            "reference": self.reference,
+            "passed": self.passed,
+            "cases": {case: {o.name: o.to_json() for o in outs} for case, outs in self.cases.items()},
+        }
