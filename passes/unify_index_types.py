@@ -21,7 +21,8 @@ tensor(int64))"). Rules, applied in topological order:
                                                  \\          /
                                                     Concat
 
-Values whose type is unknown are left alone and counted in ``stats["unknown_type"]``.
+Types missing on intermediate values are first filled in by ONNX shape inference (non-strict,
+so the mismatch itself does not stop it). Values whose type is still unknown are left alone and counted in ``stats["unknown_type"]``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ _INT64_ONLY = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape":
 _SLICE_INDEX_INPUTS = (1, 2, 3, 4)
 
 
+def _fill_missing_types(model: ir.Model) -> None:
+    if all(v.type is not None for n in model.graph for v in n.outputs):
+        return
+    try:
+        ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)
+    except Exception:  # noqa: BLE001 - inference is a best effort here; unknown types are skipped
+        pass
+
+
 def _dtype(v: ir.Value | None):
     if v is None or v.type is None:
         return None
@@ -49,6 +59,7 @@ def _dtype(v: ir.Value | None):
 class UnifyIndexTypesPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ReportedPassResult:
         stats = {"casts_inserted": 0, "nodes_changed": 0, "outputs_recast": 0, "unknown_type": 0}
+        _fill_missing_types(model)
         graph = model.graph
         changed_outputs: set[ir.Value] = set()
         for node in list(ir.traversal.RecursiveGraphIterator(graph)):

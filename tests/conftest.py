@@ -1,0 +1,43 @@
+"""Shared fixtures: the embedded tiny model (materialised once per machine) and its parts."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    from qwen3vl_compile.checkpoint import resolve_model_source
+
+    return resolve_model_source("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_path):
+    from qwen3vl_compile.checkpoint import Checkpoint
+
+    return Checkpoint.open(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_visual(tiny_checkpoint):
+    return tiny_checkpoint.load_vision_tower()
+
+
+@pytest.fixture(scope="session")
+def vision_graphs(tmp_path_factory, tiny_visual):
+    """Exported vision graphs of the tiny model, keyed by bucket name (built lazily)."""
+    from qwen3vl_compile.buckets import parse_bucket
+    from qwen3vl_compile.export.vision import export_vision_bucket
+
+    root = tmp_path_factory.mktemp("vision_graphs")
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            bucket = parse_bucket(name)
+            report = export_vision_bucket(tiny_visual, bucket, root)
+            cache[name] = (root / report["file"], bucket, report)
+        return cache[name]
+
+    return get

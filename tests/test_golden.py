@@ -1,0 +1,42 @@
+"""Golden PyTorch outputs (golden/vision/<bucket>) against the live model and the ONNX graphs:
+upstream drift in transformers, or in how the tiny model is built, shows up here."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwen3vl_compile.export.vision import OUTPUT_NAMES, pixel_values_from_u8
+from qwen3vl_compile.golden import GOLDEN_BUCKETS, compute
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "vision"
+
+
+def _load(bucket):
+    d = GOLDEN / bucket
+    return np.load(d / "inputs.npz")["pixel_u8"], dict(np.load(d / "outputs.npz")), json.loads((d / "meta.json").read_text())
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("bucket", GOLDEN_BUCKETS)
+def test_live_pytorch_matches_golden(tiny_visual, bucket):
+    _, golden, meta = _load(bucket)
+    assert meta["regenerate"] and meta["bucket"]["name"] == bucket
+    live = compute(bucket, tiny_visual)
+    for k in ("image_features", "deepstack_features"):
+        assert _rel(live[k], golden[k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("bucket", GOLDEN_BUCKETS)
+def test_onnx_matches_golden(vision_graphs, bucket):
+    import onnxruntime as ort
+
+    u8, golden, _ = _load(bucket)
+    path, _, _ = vision_graphs(bucket)
+    got = ort.InferenceSession(str(path)).run(OUTPUT_NAMES, {"pixel_values": pixel_values_from_u8(u8)})
+    for k, v in zip(OUTPUT_NAMES, got):
+        assert _rel(v, golden[k]) < 1e-4, k

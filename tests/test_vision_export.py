@@ -1,0 +1,98 @@
+"""Bucketed vision graphs: parity against the unpatched tower, and the compile CLI around them."""
+
+import json
+import os
+
+import pytest
+
+from qwen3vl_compile import verify as verify_mod
+from qwen3vl_compile.cli import main
+from qwen3vl_compile.export.vision import verify_vision_bucket
+
+
+@pytest.mark.parametrize("bucket", ["224", "448", "128x256"])
+def test_parity_per_bucket_all_outputs(vision_graphs, tiny_visual, bucket):
+    path, b, report = vision_graphs(bucket)
+    parity = verify_vision_bucket(path, tiny_visual, b)
+    names = {o.name for outs in parity.cases.values() for o in outs}
+    assert names == {"image_features", "deepstack_0", "deepstack_1", "deepstack_2"}
+    assert parity.passed, parity.failures()
+    worst = max(o.max_rel for outs in parity.cases.values() for o in outs)
+    assert worst < 1e-5  # measured ~1.5e-6; the gate itself is 1e-4
+    assert [p["pass"] for p in report["passes"]] == ["UnifyIndexTypesPass", "CleanupPass", "CheckModelPass"]
+
+
+def test_wrong_grid_is_caught(vision_graphs, tiny_visual):
+    """A graph for a 16x16 grid checked against the same 256 patches laid out as 8x32."""
+    path, b, _ = vision_graphs("256")
+    parity = verify_vision_bucket(path, tiny_visual, b, reference_grid=(1, 8, 32))
+    assert not parity.passed
+    failed = {f.split("] ")[1].split(":")[0] for f in parity.failures()}
+    assert {"image_features", "deepstack_0", "deepstack_1", "deepstack_2"} <= failed
+
+
+def _compile(out, *extra):
+    return main(["--model", "tiny", "--buckets", "224,128x256", "-o", str(out), "--graphs", "vision", "-q", *extra])
+
+
+def test_compile_writes_bundle_with_manifest(tmp_path, capsys):
+    out = tmp_path / "bundle"
+    assert _compile(out) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["schema_version"] == 1 and m["source"]["architecture"] == "Qwen3VLForConditionalGeneration"
+    assert [b["name"] for b in m["buckets"]] == ["224", "128x256"]
+    assert m["buckets"][1]["grid_thw"] == [1, 8, 16]
+    for name in ("vision_224", "vision_128x256"):
+        assert m["parity"][name]["passed"]
+        for case in m["parity"][name]["cases"].values():
+            assert set(case) == {"image_features", "deepstack_0", "deepstack_1", "deepstack_2"}
+        assert len(m["graphs"][name]["passes"]) == 3
+        assert m["files"][f"{name}.onnx"]["sha256"]
+    assert "tokenizer.json" in m["files"] and "preprocessor_config.json" in m["files"]
+    assert "parity max rel err" in capsys.readouterr().out
+    # An existing output is refused without --force, replaced with it.
+    assert _compile(out) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert _compile(out, "--force") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_failed_parity_leaves_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(verify_mod.TOLERANCES, ("vision", "fp32"), 0.0)
+    out = tmp_path / "bundle"
+    assert _compile(out) == 1
+    err = capsys.readouterr().err
+    assert "[verify] parity check failed" in err and "vision_224" in err
+    assert not out.exists() and os.listdir(tmp_path) == []
+    # --no-verify keeps the bundle (and records no parity figures).
+    assert _compile(out, "--no-verify") == 0
+    assert json.loads((out / "manifest.json").read_text())["parity"] == {}
+
+
+def _fake_checkpoint(tmp_path, config):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_non_qwen3vl_checkpoint_refused(tmp_path, capsys):
+    d = _fake_checkpoint(tmp_path, {"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    assert main(["--model", str(d), "-o", str(tmp_path / "o"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "not a Qwen3-VL checkpoint" in err and "LlamaForCausalLM" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_mrope_section_refused(tmp_path, tiny_path, capsys):
+    config = json.loads((tiny_path / "config.json").read_text())
+    config["text_config"].pop("rope_parameters", None)
+    config["text_config"].pop("rope_scaling", None)
+    d = _fake_checkpoint(tmp_path, config)
+    assert main(["--model", str(d), "-o", str(tmp_path / "o"), "-q"]) == 1
+    assert "mrope_section" in capsys.readouterr().err
+
+
+def test_missing_model_directory(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "nope"), "-o", str(tmp_path / "o"), "-q"]) == 1
+    assert "no such directory" in capsys.readouterr().err
