@@ -1,7 +1,8 @@
 """The compile pipeline, in numbered stages with typed errors:
 
 1. load     resolve the model (preset or directory), validate config and tokenizer
-2. export   one vision graph per bucket (patches -> torch.onnx -> passes)
+2. export   one vision graph per bucket (patches -> torch.onnx -> passes), the embedding
+            graph, the text decoder
 3. verify   parity of every graph against unpatched Hugging Face code
 4. write    assets, manifest with hashes, atomic move into place
 """
@@ -65,6 +66,8 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
         failures: list[str] = []
         if "vision" in cfg.graphs:
             failures += _vision(ck, cfg, staging, manifest, progress)
+        if "embedding" in cfg.graphs:
+            failures += _embedding(ck, cfg, staging, manifest, progress)
         if failures:
             raise VerifyError("parity check failed (no bundle written; use --no-verify to keep it anyway)", failures)
         with progress.stage("write"):
@@ -99,6 +102,19 @@ def _vision(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, p
             failures += parity.failures()
     del visual
     return failures
+
+
+def _embedding(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
+    from .export.embedding import build_embedding, verify_embedding
+
+    with progress.stage("build embedding"):
+        manifest["graphs"]["embedding"] = report = build_embedding(ck, staging)
+    if not cfg.verify:
+        return []
+    with progress.stage("verify embedding"):
+        parity = verify_embedding(staging / report["file"], ck)
+    manifest["parity"]["embedding"] = parity.to_json()
+    return parity.failures()
 
 
 def _check_bucket_geometry(ck: Checkpoint, cfg: CompileConfig) -> None:

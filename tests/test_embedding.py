@@ -1,0 +1,86 @@
+"""embedding.onnx against what Hugging Face's own forward hands to its language model."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from qwen3vl_compile.export.embedding import OUTPUT_NAMES, build_embedding
+
+IMAGE_PAD = 151655
+
+
+@pytest.fixture(scope="module")
+def embedding_session(tiny_checkpoint, tmp_path_factory):
+    d = tmp_path_factory.mktemp("embedding")
+    report = build_embedding(tiny_checkpoint, d)
+    assert report["kind"] == "embedding" and report["passes"][0]["pass"] == "CheckModelPass"
+    return ort.InferenceSession(str(d / report["file"]))
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_checkpoint):
+    return tiny_checkpoint.load_full_model()
+
+
+def _hf_language_model_inputs(model, input_ids, pixel_values=None, grid=None):
+    """Run Hugging Face's Qwen3VLModel.forward and capture what it passes to the text model."""
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured.update(kwargs)
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        kwargs = {}
+        if pixel_values is not None:
+            kwargs = dict(pixel_values=pixel_values, image_grid_thw=grid, mm_token_type_ids=(input_ids == IMAGE_PAD).int())
+        with torch.no_grad():
+            model.model(input_ids=input_ids, **kwargs)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _prompt(rng, grids):
+    parts = [rng.integers(0, 1000, 5)]
+    for _, h, w in grids:
+        parts += [np.array([151652]), np.full(h * w // 4, IMAGE_PAD), np.array([151653]), rng.integers(0, 1000, 3)]
+    return torch.from_numpy(np.concatenate(parts)[None].astype(np.int64))
+
+
+@pytest.mark.parametrize("grids", [[], [(1, 8, 8)], [(1, 8, 8), (1, 6, 10)]])
+def test_embedding_matches_hf(embedding_session, hf_model, grids):
+    rng = np.random.default_rng(len(grids))
+    ids = _prompt(rng, grids)
+    if grids:
+        n = sum(t * h * w for t, h, w in grids)
+        pixel_values = torch.from_numpy(rng.uniform(-1, 1, (n, 1536)).astype(np.float32))
+        grid = torch.tensor(grids)
+        with torch.no_grad():
+            out = hf_model.model.get_image_features(pixel_values, grid)
+        feats = torch.cat(out.pooler_output).numpy()
+        deep = np.stack([torch.cat(level).numpy() for level in out.deepstack_features])
+    else:
+        pixel_values = grid = None
+        feats, deep = np.zeros((0, 128), np.float32), np.zeros((3, 0, 128), np.float32)
+    hf = _hf_language_model_inputs(hf_model, ids, pixel_values, grid)
+    embeds, deepstack = embedding_session.run(
+        OUTPUT_NAMES, {"input_ids": ids.numpy(), "image_features": feats, "deepstack_features": deep}
+    )
+    np.testing.assert_array_equal(embeds, hf["inputs_embeds"].numpy())
+    mask = (ids == IMAGE_PAD).numpy()
+    assert not deepstack[:, ~mask].any()  # zero on every text token
+    if grids:
+        assert hf["visual_pos_masks"].numpy().tolist() == mask.tolist()
+        for k, level in enumerate(hf["deepstack_visual_embeds"]):
+            np.testing.assert_array_equal(deepstack[k][mask], level.numpy())
+
+
+def test_pad_count_mismatch_is_refused(embedding_session):
+    ids = np.array([[1, IMAGE_PAD, IMAGE_PAD, 2]], np.int64)
+    with pytest.raises(Exception, match="ScatterND|updates"):
+        embedding_session.run(
+            OUTPUT_NAMES,
+            {"input_ids": ids, "image_features": np.zeros((3, 128), np.float32), "deepstack_features": np.zeros((3, 3, 128), np.float32)},
+        )
