@@ -7,6 +7,7 @@ def vision_passes():
     """Passes for a bucketed vision graph exported by torch.onnx."""
     from .check_model import CheckModelPass
     from .cleanup import CleanupPass
+    from .fuse_attention import FuseAttentionPass
     from .unify_index_types import UnifyIndexTypesPass
 
-    return (UnifyIndexTypesPass(), CleanupPass(), CheckModelPass())
+    return (UnifyIndexTypesPass(), CleanupPass(), FuseAttentionPass(), CheckModelPass())

@@ -144,3 +144,34 @@ def test_check_model_rejects_invalid_graph_with_typed_error():
             """
         )
         run_passes(bad, [UnifyIndexTypesPass(), CheckModelPass()], graph="bad")
+
+
+def test_fuse_attention_on_exported_vision_graph(vision_graphs):
+    """Fuses each block's attention into MultiHeadAttention; outputs unchanged within tolerance."""
+    from qwen3vl_compile.passes.fuse_attention import FuseAttentionPass
+
+    path, bucket, _ = vision_graphs("224")
+    fused = ir.load(path)  # the graph as the compiler writes it: already fused
+    assert sum(n.op_type == "MultiHeadAttention" for n in fused.graph) == 6
+    # The non-matching case: nothing left to fuse, so the pass reports no change.
+    _, reports = run_passes(fused, [FuseAttentionPass()])
+    assert not reports[0]["modified"] and reports[0]["stats"]["sdpa_matched"] == 0
+
+
+def test_fuse_attention_matches_unfused(tiny_visual, tmp_path):
+    from qwen3vl_compile.buckets import parse_bucket
+    from qwen3vl_compile.export.vision import export_vision_bucket, random_pixel_values
+    from qwen3vl_compile.passes.cleanup import CleanupPass
+    from qwen3vl_compile.passes.fuse_attention import FuseAttentionPass
+
+    bucket = parse_bucket("128x256")
+    rep = export_vision_bucket(tiny_visual, bucket, tmp_path, passes=(CleanupPass(),))
+    plain = ir.load(tmp_path / rep["file"])
+    x = random_pixel_values(bucket, seed=5)
+    before = _session(plain).run(None, {"pixel_values": x})
+    assert not any(n.op_type == "MultiHeadAttention" for n in plain.graph)
+    fused, reports = run_passes(plain, [FuseAttentionPass()])
+    assert reports[0]["modified"] and reports[0]["stats"]["multi_head_attention"] == 6
+    after = _session(fused).run(None, {"pixel_values": x})
+    for a, b in zip(before, after):
+        assert np.abs(a - b).max() / np.abs(a).max() < 1e-5

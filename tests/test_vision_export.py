@@ -19,7 +19,13 @@ def test_parity_per_bucket_all_outputs(vision_graphs, tiny_visual, bucket):
     assert parity.passed, parity.failures()
     worst = max(o.max_rel for outs in parity.cases.values() for o in outs)
     assert worst < 1e-5  # measured ~1.5e-6; the gate itself is 1e-4
-    assert [p["pass"] for p in report["passes"]] == ["UnifyIndexTypesPass", "CleanupPass", "CheckModelPass"]
+    assert [p["pass"] for p in report["passes"]] == [
+        "UnifyIndexTypesPass",
+        "CleanupPass",
+        "FuseAttentionPass",
+        "CheckModelPass",
+    ]
+    assert report["passes"][2]["stats"]["multi_head_attention"] == 6  # one per vision block
 
 
 def test_wrong_grid_is_caught(vision_graphs, tiny_visual):
@@ -46,7 +52,7 @@ def test_compile_writes_bundle_with_manifest(tmp_path, capsys):
         assert m["parity"][name]["passed"]
         for case in m["parity"][name]["cases"].values():
             assert set(case) == {"image_features", "deepstack_0", "deepstack_1", "deepstack_2"}
-        assert len(m["graphs"][name]["passes"]) == 3
+        assert len(m["graphs"][name]["passes"]) == 4
         assert m["files"][f"{name}.onnx"]["sha256"]
     assert "tokenizer.json" in m["files"] and "preprocessor_config.json" in m["files"]
     assert "parity max rel err" in capsys.readouterr().out

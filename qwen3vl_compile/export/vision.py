@@ -75,8 +75,10 @@ def pixel_values_from_u8(u8: np.ndarray) -> np.ndarray:
     return ((u8.astype(np.float32) / np.float32(255.0)) - np.float32(0.5)) / np.float32(0.5)
 
 
-def export_vision_bucket(visual, bucket: VisionBucket, out_dir: Path) -> dict:
-    """Export, run the vision passes, save ``vision_<bucket>.onnx``; return a report dict."""
+def export_vision_bucket(visual, bucket: VisionBucket, out_dir: Path, *, passes=None) -> dict:
+    """Export, run the vision passes, save ``vision_<bucket>.onnx``; return a report dict.
+
+    ``passes`` replaces the default pass list (benchmarks use it to measure variants)."""
     import onnx_ir as ir
     import torch
 
@@ -106,7 +108,7 @@ def export_vision_bucket(visual, bucket: VisionBucket, out_dir: Path) -> dict:
     export_seconds = time.perf_counter() - t0
     model = program.model
     model.graph.name = name
-    model, reports = run_passes(model, vision_passes(), graph=name)
+    model, reports = run_passes(model, vision_passes() if passes is None else passes, graph=name)
     path = out_dir / f"{name}.onnx"
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     data_files = []
