@@ -71,6 +71,8 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
         if failures:
             raise VerifyError("parity check failed (no bundle written; use --no-verify to keep it anyway)", failures)
         with progress.stage("write"):
+            if "vision" in cfg.graphs:
+                manifest["fallback"] = _write_fallback_weights(ck, staging)
             for name in ASSET_FILES:
                 src = Path(path) / name
                 if src.is_file():
@@ -115,6 +117,24 @@ def _embedding(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict
         parity = verify_embedding(staging / report["file"], ck)
     manifest["parity"]["embedding"] = parity.to_json()
     return parity.failures()
+
+
+FALLBACK_WEIGHTS = "vision_fallback.safetensors"
+
+
+def _write_fallback_weights(ck: Checkpoint, staging: Path) -> dict:
+    """The vision tower's weights, as stored in the checkpoint, for the PyTorch fallback on
+    image sizes without a bucket: the bundle stays usable when moved or when the source
+    checkpoint is gone."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import VISION_PREFIXES
+
+    tensors = {k: v.contiguous() for k, v in ck.tensors_with_prefix(VISION_PREFIXES)}
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()})
+    save_file(tensors, str(staging / FALLBACK_WEIGHTS), metadata={"format": "pt"})
+    (staging / FALLBACK_WEIGHTS).chmod(0o644)
+    return {"file": FALLBACK_WEIGHTS, "tensors": len(tensors), "dtypes": dtypes, "module": "transformers Qwen3VLVisionModel"}
 
 
 def _check_bucket_geometry(ck: Checkpoint, cfg: CompileConfig) -> None:

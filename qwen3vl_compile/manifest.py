@@ -14,6 +14,8 @@ Schema ``qwen3vl-compile/manifest`` version 1, top-level keys:
 - ``files``: every file of the bundle (relative path) with bytes and sha256
 - ``processor``: the checkpoint's preprocessor settings; ``generation``: generation settings
 - ``timings``: seconds per compile stage; ``peak_rss_bytes``
+- ``manifest_sha256``: sha256 of this JSON (sorted keys, compact) without this field, so that
+  an edited manifest is detected
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ def hash_files(root: Path, manifest: dict) -> None:
 
 
 def write_manifest(root: Path, manifest: dict) -> Path:
+    from .bundle_check import canonical_sha256
+
+    manifest["manifest_sha256"] = canonical_sha256(manifest)
     path = root / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return path

@@ -1,0 +1,82 @@
+"""Checking a bundle on disk against its manifest (torch-free).
+
+- the manifest must parse, carry our schema, and match its own ``manifest_sha256`` (a hash
+  of the manifest's canonical JSON without that field), so an edited manifest is caught;
+- every file the manifest lists must exist with the recorded size and sha256 (a missing
+  file, a truncated external-data file, or a graph copied from another bundle all fail);
+- every graph's files must be listed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .bundle import sha256_file
+from .errors import BundleError
+
+MANIFEST = "manifest.json"
+SCHEMA = "qwen3vl-compile/manifest"
+
+
+def canonical_sha256(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def load_manifest(root: Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not Path(root).is_dir():
+        raise BundleError(f"{root}: not a directory")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (not a qwen3vl-compile bundle?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: unreadable ({e})") from None
+    if manifest.get("schema") != SCHEMA:
+        raise BundleError(f"{path}: schema {manifest.get('schema')!r} is not {SCHEMA!r}")
+    return manifest
+
+
+def check_manifest_integrity(root: Path, manifest: dict) -> None:
+    recorded = manifest.get("manifest_sha256")
+    if not recorded:
+        raise BundleError(f"{Path(root) / MANIFEST}: has no manifest_sha256")
+    if canonical_sha256(manifest) != recorded:
+        raise BundleError(f"{Path(root) / MANIFEST}: edited after the compile (its content no longer matches manifest_sha256)")
+
+
+def check_files(root: Path, manifest: dict, *, hashes: bool = True) -> list[str]:
+    """Return one message per problem (empty: all good)."""
+    root = Path(root)
+    problems = []
+    files = manifest.get("files", {})
+    for graph in manifest.get("graphs", {}).values():
+        for f in [graph["file"], *graph.get("data_files", [])]:
+            if f not in files:
+                problems.append(f"{f}: used by a graph but not listed in the manifest")
+    for rel, info in files.items():
+        p = root / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = p.stat().st_size
+        if size != info["bytes"]:
+            problems.append(f"{rel}: {size} bytes, manifest says {info['bytes']} (truncated or replaced)")
+            continue
+        if hashes and sha256_file(p) != info["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest (modified, or from another bundle)")
+    return problems
+
+
+def open_checked(root: Path, *, skip_hash_check: bool = False) -> dict:
+    """Load the manifest and check the bundle; raise BundleError naming every bad file."""
+    manifest = load_manifest(root)
+    check_manifest_integrity(root, manifest)
+    problems = check_files(root, manifest, hashes=not skip_hash_check)
+    if problems:
+        raise BundleError(f"{root}: bundle check failed: " + "; ".join(problems) + (
+            "" if skip_hash_check else " (use --skip-hash-check to run anyway)"))
+    return manifest

@@ -1,0 +1,58 @@
+"""Choosing the next token from logits: greedy (temperature 0) or temperature / top-k / top-p
+sampling with a seeded numpy generator."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..errors import RuntimeInputError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise RuntimeInputError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise RuntimeInputError(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise RuntimeInputError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    def __init__(self, config: SamplingConfig):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        """``logits``: [vocab] for the last position."""
+        logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+        if self.config.greedy:
+            return int(np.argmax(logits))  # ties resolve to the lowest id, as torch.argmax does
+        scores = logits / self.config.temperature
+        if self.config.top_k:
+            k = min(self.config.top_k, scores.size)
+            kth = np.partition(scores, -k)[-k]
+            scores = np.where(scores < kth, -np.inf, scores)
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        if self.config.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cum = np.cumsum(probs[order])
+            keep = cum - probs[order] < self.config.top_p  # always keeps the most likely token
+            mask = np.zeros_like(probs, dtype=bool)
+            mask[order[keep]] = True
+            probs = np.where(mask, probs, 0.0)
+            probs /= probs.sum()
+        return int(self.rng.choice(probs.size, p=probs))
