@@ -11,3 +11,10 @@ def vision_passes():
     from .unify_index_types import UnifyIndexTypesPass
 
     return (UnifyIndexTypesPass(), CleanupPass(), FuseAttentionPass(), CheckModelPass())
+
+
+def decoder_passes(spec):
+    """Passes for the text decoder built by qwen3vl_compile.export.text_decoder."""
+    from .insert_deepstack import InsertDeepStackPass
+
+    return (InsertDeepStackPass(spec.deepstack_levels, spec.hidden),)

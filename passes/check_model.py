@@ -30,22 +30,29 @@ class CheckModelPass(ir.passes.InPlacePass):
             proto = ir.serde.serialize_model(model)
             onnx.checker.check_model(proto, full_check=True)
             inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
-        else:
-            with tempfile.TemporaryDirectory() as d:
-                path = Path(d) / "model.onnx"
-                ir.save(model, path, external_data="model.onnx.data")
-                onnx.checker.check_model(str(path), full_check=True)
-                inferred = onnx.load(str(path), load_external_data=False)
-        outputs_with_shape = sum(
-            1
-            for o in inferred.graph.output
-            if o.type.tensor_type.HasField("shape")
-            and all(d.HasField("dim_value") or d.HasField("dim_param") for d in o.type.tensor_type.shape.dim)
-        )
-        stats = {
-            "nodes": len(inferred.graph.node),
-            "opsets": {i.domain or "ai.onnx": i.version for i in inferred.opset_import},
-            "outputs_with_full_shape": outputs_with_shape,
-            "outputs": len(inferred.graph.output),
-        }
-        return ReportedPassResult(model, False, stats=stats)
+            return ReportedPassResult(model, False, stats=_stats(inferred))
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "model.onnx"
+            ir.save(model, path, external_data="model.onnx.data")
+            return ReportedPassResult(model, False, stats=check_model_file(path))
+
+
+def check_model_file(path: Path) -> dict:
+    """The same check on a saved model (weights stay on disk, read by the checker)."""
+    onnx.checker.check_model(str(path), full_check=True)
+    return _stats(onnx.load(str(path), load_external_data=False))
+
+
+def _stats(inferred: onnx.ModelProto) -> dict:
+    outputs_with_shape = sum(
+        1
+        for o in inferred.graph.output
+        if o.type.tensor_type.HasField("shape")
+        and all(d.HasField("dim_value") or d.HasField("dim_param") for d in o.type.tensor_type.shape.dim)
+    )
+    return {
+        "nodes": len(inferred.graph.node),
+        "opsets": {i.domain or "ai.onnx": i.version for i in inferred.opset_import},
+        "outputs_with_full_shape": outputs_with_shape,
+        "outputs": len(inferred.graph.output),
+    }

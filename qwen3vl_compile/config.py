@@ -21,6 +21,8 @@ class CompileConfig:
     block_size: int = 32
     accuracy_level: int = 4
     keep_lm_head_fp: bool = False
+    context_length: int = 8192
+    logits: str = "last"
     graphs: tuple[str, ...] = GRAPH_KINDS
     verify: bool = True
     force: bool = False
@@ -39,6 +41,10 @@ class CompileConfig:
             raise UsageError(f"--block-size {self.block_size}: choose 16, 32, 64, 128 or 256")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"--accuracy-level {self.accuracy_level}: choose 0..4")
+        if self.context_length < 64:
+            raise UsageError(f"--context-length {self.context_length}: must be at least 64")
+        if self.logits not in ("last", "all"):
+            raise UsageError(f"--logits {self.logits!r}: choose last or all")
         if "vision" in self.graphs and not self.buckets:
             raise UsageError("--buckets: at least one bucket is needed to build vision graphs")
 
@@ -48,6 +54,8 @@ class CompileConfig:
             "block_size": self.block_size,
             "accuracy_level": self.accuracy_level,
             "keep_lm_head_fp": self.keep_lm_head_fp,
+            "context_length": self.context_length,
+            "logits": self.logits,
             "graphs": list(self.graphs),
             "buckets": [b.name for b in self.buckets],
             "verify": self.verify,

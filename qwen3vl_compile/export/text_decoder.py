@@ -14,7 +14,7 @@ Graph interface (the names onnxruntime-genai's qwen3_vl decoder uses):
 
 Per layer, with ONNX Runtime contrib ops (the op choice onnxruntime-genai makes for Qwen3-VL)::
 
-    x -> [Skip]SimplifiedLayerNorm -> q/k/v MatMul(NBits) -> q_norm/k_norm (RMSNorm over
+    x -> RMSNormalization (ONNX opset 23) or SkipSimplifiedLayerNorm -> q/k/v MatMul(NBits) -> q_norm/k_norm (RMSNorm over
     head_dim) -> MRotaryEmbedding(q), MRotaryEmbedding(k) -> GroupQueryAttention (KV cache,
     past and present may share one preallocated buffer) -> o MatMul -> SkipSimplifiedLayerNorm
     (residual add + post-attention norm) -> gate/up MatMul -> SiLU(gate) * up -> down MatMul
@@ -243,12 +243,12 @@ def build_decoder_model(
     def head_norm(x, n_heads, suffix, name):
         r = b.op1("Reshape", [x, split_heads[n_heads]], f"{name}/Reshape_1")
         w = b.init(f"{name}.weight", W.vector(suffix))
-        y = b.op1("SimplifiedLayerNormalization", [r, w], f"{name}/SimplifiedLayerNormalization", axis=-1, epsilon=spec.eps, stash_type=1)
+        y = b.op1("RMSNormalization", [r, w], f"{name}/RMSNormalization", axis=-1, epsilon=spec.eps, stash_type=1)
         return b.op1("Reshape", [y, merge_heads[n_heads]], f"{name}/Reshape_2")
 
     residual = embeds
     w_in = b.init("model.layers.0.input_layernorm.weight", W.vector("layers.0.input_layernorm.weight"))
-    h = b.op1("SimplifiedLayerNormalization", [embeds, w_in], "/model/layers.0/input_layernorm/LayerNorm", axis=-1, epsilon=spec.eps, stash_type=1)
+    h = b.op1("RMSNormalization", [embeds, w_in], "/model/layers.0/input_layernorm/LayerNorm", axis=-1, epsilon=spec.eps, stash_type=1)
     for i in range(spec.layers):
         p = f"layers.{i}."
         n = f"/model/layers.{i}"
@@ -320,7 +320,7 @@ def build_decoder_model(
         outputs=outputs,
         nodes=b.nodes,
         initializers=b.initializers,
-        opset_imports={"": 21, "com.microsoft": 1},
+        opset_imports={"": 23, "com.microsoft": 1},
         name="qwen3vl_text_decoder",
     )
     model = ir.Model(graph, ir_version=10, producer_name="qwen3vl-compile")
