@@ -40,6 +40,7 @@ def peak_rss_bytes() -> int:
 def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict:
     """Run the whole compile; return the manifest. Raises a typed error on any failure."""
     progress = progress or Progress(enabled=cfg.verbose)
+    _quiet_libraries(progress.enabled)
     writer = BundleWriter(cfg.output, force=cfg.force)
     writer.check_target()  # fail before any expensive work
     manifest = new_manifest(list(cfg.command))
@@ -206,6 +207,19 @@ def _check_bucket_geometry(ck: Checkpoint, cfg: CompileConfig) -> None:
             raise LoadError(
                 f"checkpoint has patch {patch} / merge {merge}; buckets were parsed for {b.patch_size} / {b.merge_size}"
             )
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """transformers' own progress bars and warnings stay out of a quiet compile."""
+    if verbose:
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def _set_threads(n: int) -> None:

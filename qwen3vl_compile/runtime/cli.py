@@ -1,0 +1,67 @@
+"""``qwen3vl-run OUT --image a.jpg --prompt "Describe this image"``: stream the answer.
+
+User mistakes (missing image, bad bundle, prompt too long, ...) give one line on stderr and
+a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import Qwen3VLCompileError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen3vl-run", description="Answer a prompt about image(s) with a compiled bundle.")
+    p.add_argument("bundle", help="bundle directory written by qwen3vl-compile")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--on-miss", default="fallback", choices=("fallback", "fit", "error"),
+                   help="image size with no bucket: PyTorch fallback (default), fit to the nearest bucket, or error")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming text")
+    p.add_argument("--skip-hash-check", action="store_true", help="run even if files differ from the manifest's hashes")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        from .pipeline import Pipeline
+
+        pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss, skip_hash_check=args.skip_hash_check)
+        pieces = pipe.generate(
+            images=args.image, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True,
+        )
+        for piece in pieces:
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        result = pipe.last_result
+    except Qwen3VLCompileError as e:
+        print(f"qwen3vl-run: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\nqwen3vl-run: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        for img in result.images:
+            extra = f"; {img['fit']}" if "fit" in img else ""
+            print(f"[image {img['index']}: grid {img['grid_thw'][1]}x{img['grid_thw'][2]}, {img['served_by']}{extra}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""``Pipeline``: image(s) + prompt in, text out, from a compiled bundle.
+
+    from qwen3vl_compile import Pipeline
+    pipe = Pipeline.load("OUT")
+    result = pipe.generate(images=["cat.jpg"], prompt="Describe this image")
+    for piece in pipe.generate(images=[...], prompt=..., stream=True): print(piece, end="")
+
+Dependencies for bucketed image sizes: onnxruntime, numpy, Pillow, tokenizers, jinja2. torch
+and transformers are imported only when an image takes the PyTorch fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..bundle_check import open_checked
+from ..errors import BundleError, RuntimeInputError
+from .chat import ChatFormatter
+from .decoder_session import DecoderSession
+from .preprocess import ProcessorConfig, load_image, preprocess
+from .rope_index import decode_positions, get_rope_index
+from .sampling import Sampler, SamplingConfig
+from .vision import VisionEncoder, nearest_bucket
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    images: list[dict]
+    timings: dict[str, float]
+    stopped: str  # "stop_token" | "max_new_tokens" | "context"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Pipeline:
+    def __init__(self, root: Path, manifest: dict, *, threads: int = 0, on_miss: str = "fallback"):
+        import onnxruntime as ort
+
+        self.root = Path(root)
+        self.manifest = manifest
+        self.threads = threads
+        graphs = manifest.get("graphs", {})
+        for needed in ("embedding", "decoder"):
+            if needed not in graphs:
+                raise BundleError(f"{root}: the bundle has no {needed} graph (compiled with --graphs?)")
+        self.config = json.loads((self.root / "config.json").read_text())
+        self.processor = ProcessorConfig.from_dict(manifest.get("processor") or {})
+        self.chat = ChatFormatter(self.root)
+        self.image_token_id = self.config.get("image_token_id", 151655)
+        self.video_token_id = self.config.get("video_token_id", 151656)
+        self.merge = self.config.get("vision_config", {}).get("spatial_merge_size", 2)
+
+        def session(path):
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = threads
+                opts.inter_op_num_threads = 1
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+        self._session = session
+        self.embedding = session(self.root / graphs["embedding"]["file"])
+        spec = graphs["decoder"]["spec"]
+        self.context_length = int(spec["context_length"])
+        self.hidden = int(spec["hidden"])
+        self.levels = int(spec["deepstack_levels"])
+        self.decoder = DecoderSession(self.root / graphs["decoder"]["file"], max_length=self.context_length, session=session(self.root / graphs["decoder"]["file"]))
+        self.vision = VisionEncoder(self.root, manifest, session, on_miss=on_miss)
+        self.last_result: GenerationResult | None = None
+
+    @classmethod
+    def load(cls, root, *, threads: int = 0, on_miss: str = "fallback", skip_hash_check: bool = False) -> "Pipeline":
+        manifest = open_checked(Path(root), skip_hash_check=skip_hash_check)
+        return cls(Path(root), manifest, threads=threads, on_miss=on_miss)
+
+    # -- public API ------------------------------------------------------------------
+    def generate(
+        self,
+        images: Sequence = (),
+        prompt: str = "",
+        *,
+        system: str | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stream: bool = False,
+    ):
+        gen = self._generate(images, prompt, system, max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed))
+        if stream:
+            return gen
+        for _ in gen:
+            pass
+        return self.last_result
+
+    # -- steps ------------------------------------------------------------------------
+    def _encode_images(self, images) -> tuple[list, list[dict], dict]:
+        encoded, info, timings = [], [], {"preprocess_s": 0.0, "vision_s": 0.0}
+        for i, image in enumerate(images):
+            t = time.perf_counter()
+            pil = load_image(image)
+            processed = preprocess(pil, self.processor)
+            note = None
+            if self.vision.bucket_for_grid(processed.grid_thw) is None and self.vision.on_miss == "fit":
+                b = nearest_bucket(self.vision.buckets, *processed.original)
+                processed = preprocess(pil, self.processor, size=(b.height, b.width))
+                note = f"resized from {processed.original[1]}x{processed.original[0]} to bucket {b.name}"
+            timings["preprocess_s"] += time.perf_counter() - t
+            result = self.vision.encode(processed.pixel_values, processed.grid_thw)
+            timings["vision_s"] += result.seconds
+            encoded.append((processed, result))
+            entry = {"index": i, "grid_thw": list(processed.grid_thw), "tokens": processed.num_tokens,
+                     "served_by": result.served_by, "vision_s": round(result.seconds, 4)}
+            if note:
+                entry["fit"] = note
+            info.append(entry)
+        return encoded, info, timings
+
+    def _generate(self, images, prompt: str, system, max_new_tokens: int, sampling: SamplingConfig) -> Iterator[str]:
+        if max_new_tokens < 1:
+            raise RuntimeInputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        t_start = time.perf_counter()
+        sampler = Sampler(sampling)
+        encoded, image_info, timings = self._encode_images(list(images))
+        counts = [p.num_tokens for p, _ in encoded]
+        input_ids = self.chat.encode(prompt, counts, system)
+        n_prompt = input_ids.shape[1]
+        if n_prompt >= self.context_length:
+            raise RuntimeInputError(
+                f"prompt with image tokens is {n_prompt} tokens, longer than the bundle's context of {self.context_length}"
+            )
+        n_pads = int((input_ids == self.image_token_id).sum())
+        n_rows = sum(r.image_features.shape[0] for _, r in encoded)
+        if n_pads != n_rows:
+            raise RuntimeInputError(f"prompt has {n_pads} image pad tokens but the images give {n_rows} feature rows")
+        feats = np.concatenate([r.image_features for _, r in encoded]) if encoded else np.zeros((0, self.hidden), np.float32)
+        deep = np.concatenate([r.deepstack for _, r in encoded], axis=1) if encoded else np.zeros((self.levels, 0, self.hidden), np.float32)
+        t = time.perf_counter()
+        embeds, deepstack = self.embedding.run(
+            ["inputs_embeds", "deepstack_embeds"],
+            {"input_ids": input_ids, "image_features": feats.astype(np.float32), "deepstack_features": deep.astype(np.float32)},
+        )
+        grids = [list(p.grid_thw) for p, _ in encoded]
+        positions, rope_deltas = get_rope_index(
+            input_ids, grids or None, image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+            spatial_merge_size=self.merge,
+        )
+        self.decoder.reset()
+        logits = self.decoder.run(embeds, positions, deepstack)
+        timings["prefill_s"] = time.perf_counter() - t
+        timings["time_to_first_token_s"] = time.perf_counter() - t_start
+        budget = min(max_new_tokens, self.context_length - n_prompt)
+        out_ids: list[int] = []
+        stream = self.chat.stream()
+        stopped = "max_new_tokens" if budget == max_new_tokens else "context"
+        t_dec = time.perf_counter()
+        no_images = (np.zeros((0, self.hidden), np.float32), np.zeros((self.levels, 0, self.hidden), np.float32))
+        while True:
+            token = sampler(logits[0, -1])
+            if token in self.chat.stop_ids:
+                stopped = "stop_token"
+                break
+            out_ids.append(token)
+            piece = stream.push(token)
+            if piece:
+                yield piece
+            if len(out_ids) >= budget:
+                break
+            step_embeds, _ = self.embedding.run(
+                ["inputs_embeds", "deepstack_embeds"],
+                {"input_ids": np.array([[token]], np.int64), "image_features": no_images[0], "deepstack_features": no_images[1]},
+            )
+            pos = decode_positions(self.decoder.length, rope_deltas)
+            logits = self.decoder.run(step_embeds, pos)
+        tail = stream.finish()
+        if tail:
+            yield tail
+        decode_s = time.perf_counter() - t_dec
+        timings["decode_s"] = decode_s
+        timings["decode_tokens_per_s"] = (len(out_ids) - 1) / decode_s if len(out_ids) > 1 and decode_s > 0 else 0.0
+        timings["total_s"] = time.perf_counter() - t_start
+        self.last_result = GenerationResult(
+            text=self.chat.decode(out_ids),
+            token_ids=out_ids,
+            prompt_tokens=n_prompt,
+            images=image_info,
+            timings={k: round(v, 4) for k, v in timings.items()},
+            stopped=stopped,
+        )

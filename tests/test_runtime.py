@@ -1,0 +1,151 @@
+"""End to end at fp32: greedy tokens from the bundle equal Hugging Face ``generate`` (same
+checkpoint, same image processor values, same chat template) for at least 24 new tokens."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen3vl_compile import Pipeline
+from qwen3vl_compile.cli import main as compile_main
+from qwen3vl_compile.runtime.cli import main as run_main
+
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rt") / "bundle"
+    rc = compile_main(["--model", "tiny", "--buckets", "448,256x512", "--precision", "fp32", "-o", str(out), "-q"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def pipe(bundle):
+    return Pipeline.load(bundle, threads=2)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    out = {}
+    for name, (w, h), seed in [("sq448", (448, 448), 0), ("wide", (512, 256), 1), ("odd", (500, 300), 2), ("small", (200, 150), 3)]:
+        arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        # Smooth the noise a little so the image resembles a photo more than static.
+        arr = (arr.astype(np.float32) * 0.5 + np.linspace(0, 127, w)[None, :, None]).astype(np.uint8)
+        out[name] = d / f"{name}.png"
+        Image.fromarray(arr).save(out[name])
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf(tiny_checkpoint, tiny_path):
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    model = tiny_checkpoint.load_full_model()
+    values = json.loads((tiny_path / "preprocessor_config.json").read_text())
+    proc = Qwen2VLImageProcessorPil(**{k: v for k, v in values.items() if k not in ("image_processor_type", "processor_class")})
+    return model, proc, AutoTokenizer.from_pretrained(tiny_path)
+
+
+def hf_generate(hf, image_paths, prompt, max_new_tokens=NEW_TOKENS):
+    model, proc, tok = hf
+    imgs = [Image.open(p).convert("RGB") for p in image_paths]
+    content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": prompt}]
+    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    kwargs = {}
+    if imgs:
+        px = proc(images=imgs, return_tensors="pt")
+        counts = (px["image_grid_thw"].prod(-1) // 4).tolist()
+        parts = text.split("<|image_pad|>")
+        text = parts[0] + "".join("<|image_pad|>" * n + p for n, p in zip(counts, parts[1:]))
+        kwargs = dict(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    kwargs["mm_token_type_ids"] = (ids == 151655).int()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+    gen = out[0, ids.shape[1]:].tolist()
+    stops = {151645, 151643}
+    for i, t in enumerate(gen):
+        if t in stops:
+            return gen[:i]
+    return gen
+
+
+CASES = {
+    "bucket": (["sq448"], "Describe this image.", "bucket 448"),
+    "fallback": (["odd"], "What do you see?", "fallback (PyTorch eager)"),
+    "two_images": (["sq448", "odd"], "Compare the two images.", None),
+    "non_square_bucket": (["wide"], "What is on the left?", "bucket 256x512"),
+    "text_only": ([], "Tell me a story about a cat.", None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_tokens_equal_hf_generate(pipe, hf, images, case):
+    names, prompt, served = CASES[case]
+    paths = [images[n] for n in names]
+    ref = hf_generate(hf, paths, prompt)
+    result = pipe.generate(images=paths, prompt=prompt, max_new_tokens=NEW_TOKENS)
+    assert len(ref) >= NEW_TOKENS, "reference stopped early: pick another prompt"
+    assert result.token_ids == ref
+    if served:
+        assert result.images[0]["served_by"] == served
+
+
+def test_streaming_yields_the_same_text(pipe, images):
+    pieces = list(pipe.generate(images=[images["sq448"]], prompt="Describe this image.", max_new_tokens=12, stream=True))
+    assert "".join(pieces) == pipe.last_result.text and len(pipe.last_result.token_ids) == 12
+
+
+def test_cli_streams_and_reports_json(bundle, images, capsys):
+    assert run_main([str(bundle), "--image", str(images["sq448"]), "--prompt", "Hi", "--max-new-tokens", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 5 and out["images"][0]["served_by"] == "bucket 448"
+    assert set(out["timings"]) >= {"vision_s", "prefill_s", "time_to_first_token_s", "decode_tokens_per_s"}
+
+
+def test_on_miss_policies(bundle, images, capsys):
+    assert run_main([str(bundle), "--image", str(images["odd"]), "--prompt", "Hi", "--on-miss", "error"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no bucket" in err and "448 (grid 28x28)" in err
+    assert run_main([str(bundle), "--image", str(images["odd"]), "--prompt", "Hi", "--on-miss", "fit", "--max-new-tokens", "3", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["images"][0]
+    assert info["served_by"] == "bucket 256x512" and "resized from 500x300 to bucket 256x512" in info["fit"]
+
+
+def test_sampling_is_seeded(pipe, images):
+    kw = dict(images=[images["sq448"]], prompt="Hi", max_new_tokens=8, temperature=0.8, top_p=0.9, top_k=50)
+    a = pipe.generate(seed=1, **kw).token_ids
+    b = pipe.generate(seed=1, **kw).token_ids
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--image", "/nonexistent/x.png"], "no such file"),
+        (["--image", "__BAD__"], "cannot be read"),
+        (["--image", "__TINY__"], "smaller than one 16-pixel patch"),
+        (["--image", "__THIN__"], "aspect ratio"),
+    ],
+)
+def test_bad_images_give_one_line(bundle, tmp_path, capsys, extra, fragment):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    Image.new("RGB", (8, 8)).save(tmp_path / "tiny.png")
+    Image.new("RGB", (4020, 16)).save(tmp_path / "thin.png")
+    subst = {"__BAD__": str(bad), "__TINY__": str(tmp_path / "tiny.png"), "__THIN__": str(tmp_path / "thin.png")}
+    extra = [subst.get(x, x) for x in extra]
+    assert run_main([str(bundle), "--prompt", "Hi", *extra]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_prompt_longer_than_context(bundle, capsys):
+    long_prompt = " ".join(["word"] * 9000)
+    assert run_main([str(bundle), "--prompt", long_prompt]) == 2
+    assert "longer than the bundle's context of 8192" in capsys.readouterr().err
