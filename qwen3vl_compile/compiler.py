@@ -103,7 +103,7 @@ def _vision(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, p
         if cfg.verify:
             with progress.stage(f"verify {name}"):
                 parity = verify_vision_bucket(staging / report["file"], visual, bucket, threads=cfg.threads)
-            manifest["parity"][name] = parity.to_json()
+            _record_parity(manifest, staging, name, parity)
             failures += parity.failures()
     del visual
     return failures
@@ -118,7 +118,7 @@ def _embedding(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict
         return []
     with progress.stage("verify embedding"):
         parity = verify_embedding(staging / report["file"], ck)
-    manifest["parity"]["embedding"] = parity.to_json()
+    _record_parity(manifest, staging, "embedding", parity)
     return parity.failures()
 
 
@@ -177,8 +177,26 @@ def _decoder(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, 
 
     with progress.stage("verify decoder"):
         parity = verify_decoder(path, ck, cfg.precision, threads=cfg.threads)
-    manifest["parity"][name] = parity.to_json()
+    _record_parity(manifest, staging, name, parity)
     return parity.failures()
+
+
+def _record_parity(manifest: dict, staging: Path, name: str, parity) -> None:
+    """Parity figures into the manifest; one input/reference pair into golden/<name>.npz,
+    with the tolerance `qwen3vl-compile verify` will apply to it on any machine."""
+    import numpy as np
+
+    from .bundle_golden import golden_tolerance
+
+    entry = parity.to_json()
+    if parity.golden:
+        (staging / "golden").mkdir(exist_ok=True)
+        np.savez_compressed(staging / "golden" / f"{name}.npz", **parity.golden)
+        entry["golden"] = {
+            "file": f"golden/{name}.npz",
+            "tolerance_max_rel": golden_tolerance(parity.kind, parity.precision, parity.worst_rel),
+        }
+    manifest["parity"][name] = entry
 
 
 FALLBACK_WEIGHTS = "vision_fallback.safetensors"

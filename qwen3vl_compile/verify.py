@@ -80,6 +80,13 @@ class GraphParity:
     precision: str
     reference: str
     cases: dict[str, list[OutputParity]]
+    # Small input/reference-output arrays kept in the bundle (golden/<graph>.npz) so that
+    # `qwen3vl-compile verify` can re-measure parity with ONNX Runtime alone.
+    golden: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def worst_rel(self) -> float:
+        return max((o.max_rel for outs in self.cases.values() for o in outs), default=0.0)
 
     @property
     def passed(self) -> bool:

@@ -55,7 +55,7 @@ def verify_decoder(onnx_path: Path, ck: Checkpoint, precision: str, *, threads: 
     ids_image = torch.cat([text[:, :5], torch.tensor([[vs]]), torch.full((1, n_img), image_id), torch.tensor([[ve]]), text[:, 5:]], 1)
     session = DecoderSession(onnx_path, max_length=256, threads=threads)
     tol = TOLERANCES[("decoder", precision)]
-    cases = {}
+    cases, golden = {}, {}
     embed = model.model.language_model.embed_tokens
     for case, ids in (("text_only", text), ("image", ids_image)):
         mask = ids == image_id
@@ -74,7 +74,7 @@ def verify_decoder(onnx_path: Path, ck: Checkpoint, precision: str, *, threads: 
             pos = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
             delta = torch.zeros(1, 1, dtype=torch.long)
         cache = DynamicCache(config=model.config.text_config)
-        ref_logits, ours = [], []
+        ref_logits, ours, calls = [], [], [(embeds.numpy(), pos.numpy(), deep.numpy())]
         with torch.no_grad():
             out = model.model.language_model(
                 inputs_embeds=embeds.to(dtype), position_ids=pos, attention_mask=torch.ones_like(ids),
@@ -98,6 +98,13 @@ def verify_decoder(onnx_path: Path, ck: Checkpoint, precision: str, *, threads: 
                     )
                     ref_logits.append(model.lm_head(o.last_hidden_state).float().numpy())
                 ours.append(session.run(e.numpy(), p.numpy()))
+                calls.append((e.numpy(), p.numpy(), None))
         cases[case] = [measure("logits", np.concatenate(ours, 1), np.concatenate(ref_logits, 1), tol, logits=True)]
+        if case == "image":
+            golden = {
+                "prefill_embeds": calls[0][0], "prefill_positions": calls[0][1], "prefill_deepstack": calls[0][2],
+                "step_embeds": np.stack([c[0] for c in calls[1:]]), "step_positions": np.stack([c[1] for c in calls[1:]]),
+                "reference_logits": np.concatenate(ref_logits, 1)[0],
+            }
     ref_name = f"transformers Qwen3VLForConditionalGeneration ({str(dtype).replace('torch.', '')}), KV-cache prefill + decode"
-    return GraphParity("decoder", "decoder", precision, ref_name, cases)
+    return GraphParity("decoder", "decoder", precision, ref_name, cases, golden)

@@ -177,7 +177,7 @@ def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3):
     two_images = np.concatenate([text[:, :3], np.full((1, 4), pad), text[:, 3:6], np.full((1, 6), pad), text[:, 6:]], axis=1)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     tol = TOLERANCES[("embedding", "fp32")]
-    cases = {}
+    cases, golden = {}, {}
     for case, ids in (("text_only", text), ("two_images", two_images)):
         m = int(np.isin(ids, pads).sum())
         feats = rng.standard_normal((m, hidden)).astype(np.float32)
@@ -185,4 +185,6 @@ def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3):
         got = dict(zip(OUTPUT_NAMES, session.run(OUTPUT_NAMES, {"input_ids": ids, "image_features": feats, "deepstack_features": deep})))
         ref = reference_embedding(weight, ids, feats, deep, pads)
         cases[case] = [measure(k, got[k], ref[k], tol) for k in OUTPUT_NAMES]
-    return GraphParity("embedding", "embedding", "fp32", "torch embedding + masked_scatter (Qwen3VLModel.forward)", cases)
+        if case == "two_images":
+            golden = {"input_ids": ids, "image_features": feats, "deepstack_features": deep, **ref}
+    return GraphParity("embedding", "embedding", "fp32", "torch embedding + masked_scatter (Qwen3VLModel.forward)", cases, golden)

@@ -64,11 +64,14 @@ def _bucket_module(visual, grid_thw):
     return VisionBucketModule().eval()
 
 
+def random_pixel_u8(bucket: VisionBucket, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(bucket.num_patches, bucket.patch_dim), dtype=np.uint8)
+
+
 def random_pixel_values(bucket: VisionBucket, seed: int) -> np.ndarray:
     """Inputs on the processor's grid of values: ((u8 / 255) - 0.5) / 0.5 for random u8."""
-    rng = np.random.default_rng(seed)
-    u8 = rng.integers(0, 256, size=(bucket.num_patches, bucket.patch_dim), dtype=np.uint8)
-    return pixel_values_from_u8(u8)
+    return pixel_values_from_u8(random_pixel_u8(bucket, seed))
 
 
 def pixel_values_from_u8(u8: np.ndarray) -> np.ndarray:
@@ -180,10 +183,17 @@ def verify_vision_bucket(
         actual = split_outputs(feats, deep)
         ref = reference_outputs(visual, x, grid)
         cases[f"seed{seed}"] = [measure(k, actual.get(k), ref[k], tol) for k in ref]
+    ref = reference_outputs(visual, random_pixel_values(bucket, seeds[0]), grid)
+    golden = {
+        "pixel_u8": random_pixel_u8(bucket, seeds[0]),
+        "image_features": ref["image_features"],
+        "deepstack_features": np.stack([ref[k] for k in sorted(ref) if k.startswith("deepstack_")]),
+    }
     return GraphParity(
         graph=graph_name(bucket),
         kind="vision",
         precision="fp32",
         reference=f"unpatched transformers Qwen3VLVisionModel, fp32, grid {list(grid)}",
         cases=cases,
+        golden=golden,
     )

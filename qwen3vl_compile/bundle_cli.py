@@ -1,0 +1,107 @@
+"""``qwen3vl-compile inspect OUT`` and ``qwen3vl-compile verify OUT`` (torch-free).
+
+``verify`` checks the manifest's integrity and every file's size and sha256, then reruns each
+graph's golden input with ONNX Runtime and prints a table of max errors; exit 0 only when
+everything is within the recorded tolerances.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import BundleError, Qwen3VLCompileError
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def inspect(root: Path) -> int:
+    from .bundle_check import check_manifest_integrity, load_manifest
+
+    m = load_manifest(root)
+    integrity = "ok"
+    try:
+        check_manifest_integrity(root, m)
+    except BundleError as e:
+        integrity = f"FAILED ({e})"
+    src = m.get("source", {})
+    print(f"bundle     {Path(root).resolve()}")
+    print(f"schema     {m['schema']} v{m['schema_version']}   created {m.get('created')}   manifest integrity {integrity}")
+    print(f"tool       {m['tool']['name']} {m['tool']['version']}; " + ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items() if v))
+    print(f"source     {src.get('model')} ({src.get('architecture')}), config sha256 {str(src.get('config_sha256'))[:16]}")
+    print(f"options    " + ", ".join(f"{k}={v}" for k, v in m.get("options", {}).items()))
+    if m.get("buckets"):
+        print("buckets    " + ", ".join(f"{b['name']} (grid {b['grid_thw'][1]}x{b['grid_thw'][2]}, {b['num_tokens']} tokens)" for b in m["buckets"]))
+    print("graphs")
+    for name, g in m.get("graphs", {}).items():
+        size = sum(m["files"].get(f, {}).get("bytes", 0) for f in [g["file"], *g.get("data_files", [])])
+        parity = m.get("parity", {}).get(name)
+        if parity:
+            worst = max(o["max_rel"] for case in parity["cases"].values() for o in case.values())
+            cos = [o.get("cosine") for case in parity["cases"].values() for o in case.values() if o.get("cosine") is not None]
+            extra = f", min cosine {min(cos):.4f}" if cos else ""
+            verdict = f"max rel err {worst:.2e}{extra} ({'ok' if parity['passed'] else 'FAILED'})"
+        else:
+            verdict = "not verified"
+        passes = ", ".join(p["pass"] + ("*" if p["modified"] else "") for p in g.get("passes", []))
+        print(f"  {name:<18} {g['kind']:<9} {g['precision']:<5} {_fmt_bytes(size):>9}  {verdict}")
+        print(f"  {'':<18} passes: {passes}  (* = changed the graph)")
+    total = sum(f["bytes"] for f in m.get("files", {}).values())
+    print(f"files      {len(m.get('files', {}))} files, {_fmt_bytes(total)}")
+    if m.get("peak_rss_bytes"):
+        print(f"compile    peak RSS {_fmt_bytes(m['peak_rss_bytes'])}; " + ", ".join(f"{k} {v:.1f}s" for k, v in m.get("timings", {}).items()))
+    return 0
+
+
+def verify(root: Path, *, threads: int = 0) -> int:
+    from .bundle_check import check_files, check_manifest_integrity, load_manifest
+    from .bundle_golden import check_golden
+
+    m = load_manifest(root)
+    check_manifest_integrity(root, m)
+    problems = check_files(root, m)
+    if problems:
+        for p in problems:
+            print(f"FAIL  {p}")
+        print(f"verify: {len(problems)} file problem(s); graphs were not run")
+        return 1
+    print(f"files: {len(m['files'])} ok (sizes and sha256 match the manifest)")
+    rows, ok = [], True
+    for name in m.get("graphs", {}):
+        entry = m.get("parity", {}).get(name, {})
+        if "golden" not in entry:
+            rows.append((name, "-", "-", "-", "no golden (compiled with --no-verify)"))
+            ok = False
+            continue
+        res = check_golden(root, m, name, threads=threads)
+        for o in res.cases["golden"]:
+            status = "ok" if o.passed else "FAIL"
+            ok &= o.passed
+            rows.append((name, o.name, f"{o.max_abs:.2e}", f"{o.max_rel:.2e}", f"{status} (tolerance {o.tolerance:.1e})"))
+    widths = [max(len(str(r[i])) for r in rows + [("graph", "output", "max abs", "max rel", "verdict")]) for i in range(5)]
+    for r in [("graph", "output", "max abs", "max rel", "verdict"), *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print("verify: " + ("all graphs within tolerance" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"qwen3vl-compile {argv[0]}")
+    p.add_argument("bundle", type=Path)
+    if argv[0] == "verify":
+        p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args(argv[1:])
+    try:
+        if argv[0] == "inspect":
+            return inspect(args.bundle)
+        return verify(args.bundle, threads=args.threads)
+    except Qwen3VLCompileError as e:
+        print(f"qwen3vl-compile {argv[0]}: error: {e}", file=sys.stderr)
+        return e.exit_code
