@@ -1,0 +1,217 @@
+"""Build ``decoder.onnx``: the Qwen3-VL text decoder with DeepStack, in one call.
+
+:func:`build_decoder` is the public entry point. Its stages, each timed in the report:
+
+1. **build**: :func:`~qwen3vl_compile.export.text_decoder.build_decoder_model` lays out the
+   graph with onnx-ir (ONNX Runtime contrib ops: SkipSimplifiedLayerNormalization,
+   MRotaryEmbedding interleaved, GroupQueryAttention, MatMulNBits). Weights are
+   ``ir.LazyTensor`` objects: nothing is read from the checkpoint yet.
+2. **passes**: the decoder's pass tuple (:func:`qwen3vl_compile.passes.decoder_passes`):
+   ``InsertDeepStackPass`` adds ``deepstack_embeds [K, B, S, H]`` and one Add after each
+   of layers 0..K-1 (left out when ``deepstack=False``).
+3. **save**: one ``.onnx`` plus one ``.onnx.data``. Each lazy weight is read from the
+   safetensors file, converted to fp32 (one tensor only), quantized or cast, written and
+   dropped: peak memory is about the largest tensor (the tied embedding / lm_head for a
+   real model) plus ONNX Runtime's quantizer scratch, not the model.
+
+The report (a JSON-able dict) carries the options, the graph's inputs and outputs as they
+are in the saved file, sizes on disk, per-stage seconds and the peak resident memory
+sampled while building.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from ..checkpoint import Checkpoint
+from ..errors import ExportError, Qwen3VLCompileError, UsageError
+from .text_decoder import PRECISIONS, build_decoder_model, save_streaming
+
+LOGITS_MODES = ("all", "last")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# Written into the model's metadata_props; DecoderSession reads them back.
+META_PREFIX = "qwen3vl_compile."
+
+
+def check_options(precision: str, block_size: int, accuracy_level: int, logits: str, context_length: int) -> None:
+    """Refuse bad build options with a UsageError naming the choices."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if logits not in LOGITS_MODES:
+        raise UsageError(f"logits {logits!r}: choose one of {', '.join(LOGITS_MODES)}")
+    if block_size not in BLOCK_SIZES:
+        raise UsageError(f"block_size {block_size}: MatMulNBits needs a power of two >= 16 ({', '.join(map(str, BLOCK_SIZES))})")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise UsageError(f"accuracy_level {accuracy_level}: choose 0..4 (4 = int8 compute)")
+    if context_length < 1:
+        raise UsageError(f"context_length {context_length}: must be positive")
+
+
+def build_decoder(
+    checkpoint: Checkpoint,
+    out_path: Path,
+    *,
+    precision: str = "int4",
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    keep_lm_head_fp: bool = False,
+    logits: str = "all",
+    deepstack: bool = True,
+    context_length: int = 8192,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Write ``out_path`` (``decoder.onnx``) and ``out_path.name + '.data'``; return a report.
+
+    ``precision``: ``int4`` (MatMulNBits, 4 bits, symmetric, ``block_size`` weights per scale,
+    ``accuracy_level`` 4 = int8 activations; the lm_head too unless ``keep_lm_head_fp``),
+    ``fp16`` (weights stored in half precision, computed in fp32) or ``fp32``.
+    ``logits``: ``all`` positions or the ``last`` one only (prefill needs no other row).
+    ``context_length``: rows of the rotary cos/sin tables; positions must stay below it.
+    """
+    check_options(precision, block_size, accuracy_level, logits, context_length)
+    from ..passes import decoder_passes
+    from ..passes.base import run_passes
+    from ..passes.insert_deepstack import InsertDeepStackPass
+
+    out_path = Path(out_path)
+    log = progress or (lambda _msg: None)
+    seconds: dict[str, float] = {}
+    with _PeakRSS() as rss:
+        try:
+            t = time.perf_counter()
+            model, spec = build_decoder_model(
+                checkpoint,
+                precision=precision,
+                block_size=block_size,
+                accuracy_level=accuracy_level,
+                keep_lm_head_fp=keep_lm_head_fp,
+                logits=logits,
+                context_length=context_length,
+            )
+            seconds["build"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            passes = tuple(p for p in decoder_passes(spec) if deepstack or not isinstance(p, InsertDeepStackPass))
+            if deepstack and spec.deepstack_levels == 0:
+                raise ExportError("deepstack=True but the checkpoint's vision_config has no deepstack_visual_indexes")
+            model, reports = run_passes(model, passes, graph="decoder")
+            seconds["passes"] = time.perf_counter() - t
+
+            levels = spec.deepstack_levels if deepstack else 0
+            model.metadata_props.update(
+                {
+                    META_PREFIX + "graph": "decoder",
+                    META_PREFIX + "precision": precision,
+                    META_PREFIX + "context_length": str(spec.context_length),
+                    META_PREFIX + "deepstack_levels": str(levels),
+                    META_PREFIX + "logits": logits,
+                }
+            )
+            interface = _interface(model.graph)
+
+            t = time.perf_counter()
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            log(f"writing {out_path.name} ({precision}, {spec.layers} layers)")
+            data_files = save_streaming(model, out_path, progress=log)
+            del model
+            seconds["save"] = time.perf_counter() - t
+        except Qwen3VLCompileError:
+            raise
+        except Exception as e:  # noqa: BLE001 - re-raised typed, with the stage
+            raise ExportError(f"building {out_path.name} failed: {type(e).__name__}: {e}") from e
+
+    sizes = {name: (out_path.parent / name).stat().st_size for name in [out_path.name, *data_files]}
+    seconds["total"] = sum(seconds.values())
+    return {
+        "file": out_path.name,
+        "data_files": data_files,
+        "precision": precision,
+        "quantization": {
+            "bits": 4,
+            "block_size": block_size,
+            "accuracy_level": accuracy_level,
+            "symmetric": True,
+            "lm_head": "fp32" if keep_lm_head_fp else "int4",
+        }
+        if precision == "int4"
+        else None,
+        "logits": logits,
+        "deepstack_levels": levels,
+        "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(spec).items()},
+        "inputs": interface["inputs"],
+        "outputs": interface["outputs"],
+        "passes": reports,
+        "sizes": {**sizes, "total": sum(sizes.values())},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "rss_before_bytes": rss.start,
+        "peak_rss_bytes": rss.peak,
+    }
+
+
+def _interface(graph: ir.Graph) -> dict:
+    """Inputs and outputs as saved, with past/present folded to one ``{i}`` entry each."""
+
+    def describe(values) -> list[dict]:
+        out, seen = [], set()
+        for v in values:
+            name = v.name
+            for prefix in ("past_key_values.", "present."):
+                if name.startswith(prefix):
+                    name = prefix + "{i}." + name.rsplit(".", 1)[1]
+            if name in seen:
+                continue
+            seen.add(name)
+            shape = [d if isinstance(d, int) else str(d) for d in v.shape] if v.shape is not None else None
+            dtype = str(np.dtype(v.dtype.numpy())) if v.dtype is not None else None
+            out.append({"name": name, "dtype": dtype, "shape": shape})
+        return out
+
+    return {"inputs": describe(graph.inputs), "outputs": describe(graph.outputs)}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every 10 ms
+    (Linux ``/proc``; ``None`` elsewhere). Sampling leaves the process's own high-water
+    mark untouched, so other measurements in the same process stay valid."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self.start: int | None = None
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak or 0, _rss_bytes())
+
+    def __enter__(self) -> "_PeakRSS":
+        try:
+            self.start = self.peak = _rss_bytes()
+        except (OSError, ValueError):
+            return self
+        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak or 0, _rss_bytes())
+
+
+__all__ = ["build_decoder", "check_options", "PRECISIONS", "LOGITS_MODES"]
