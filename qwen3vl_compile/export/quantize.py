@@ -10,20 +10,33 @@ from __future__ import annotations
 import numpy as np
 
 
+# Columns quantized per call: each call needs a contiguous fp32 copy of its [K, columns]
+# slice, so a chunk bounds that copy (64 MiB at K = 2560) instead of duplicating the whole
+# matrix (1.5 GB for a 152k-vocabulary lm_head).
+CHUNK_ELEMENTS = 16 << 20
+
+
 def quantize_int4(weight_kn: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``weight_kn``: fp32 [K, N] (ONNX MatMul's B). Returns packed uint8 [N, K/bs, bs/2]
-    and scales fp32 [N, K/bs]."""
+    """``weight_kn``: fp32 [K, N] (ONNX MatMul's B; a transposed view is fine). Returns packed
+    uint8 [N, K/bs, bs/2] and scales fp32 [N, K/bs].
+
+    Blocks run along K within one output column, so columns are independent: quantizing
+    them in chunks gives the same bytes as one call."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
-    w = np.ascontiguousarray(weight_kn, dtype=np.float32)
-    k, n = w.shape
+    k, n = weight_kn.shape
     k_blocks = (k + block_size - 1) // block_size
-    if k_blocks * block_size != k:
-        w = np.pad(w, ((0, k_blocks * block_size - k), (0, 0)))
     packed = np.zeros((n, k_blocks, block_size // 2), dtype=np.uint8)
     scales = np.zeros((n, k_blocks), dtype=np.float32)
-    zero_points = np.zeros((n, (k_blocks + 1) // 2), dtype=np.uint8)
-    quantize_matmul_4bits(packed, w, scales, zero_points, block_size, n, k, True)
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        w = np.ascontiguousarray(weight_kn[:, n0:n1], dtype=np.float32)
+        if k_blocks * block_size != k:
+            w = np.pad(w, ((0, k_blocks * block_size - k), (0, 0)))
+        p, sc = packed[n0:n1], scales[n0:n1]  # views: filled in place
+        zero_points = np.zeros((n1 - n0, (k_blocks + 1) // 2), dtype=np.uint8)  # unused (symmetric)
+        quantize_matmul_4bits(p, w, sc, zero_points, block_size, n1 - n0, k, True)
     return packed, scales
 
 
