@@ -175,6 +175,21 @@ def test_bad_options_are_refused(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "decoder.onnx").exists()
 
 
+def test_failed_save_leaves_no_partial_files(tiny_checkpoint, tmp_path, monkeypatch):
+    from qwen3vl_compile.errors import ExportError
+    from qwen3vl_compile.export import decoder as decoder_module
+
+    def half_written(model, path, progress=None):
+        path.write_bytes(b"partial")
+        path.with_name(path.name + ".data").write_bytes(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(decoder_module, "save_streaming", half_written)
+    with pytest.raises(ExportError, match="No space left"):
+        build_decoder(tiny_checkpoint, tmp_path / "decoder.onnx", precision="fp32")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- fp32 parity --------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(PROMPTS))
 def test_fp32_matches_hugging_face_prefill_and_decode(name, prompts, fp32_session):

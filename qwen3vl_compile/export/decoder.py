@@ -84,6 +84,7 @@ def build_decoder(
     out_path = Path(out_path)
     log = progress or (lambda _msg: None)
     seconds: dict[str, float] = {}
+    writing = False
     with _PeakRSS() as rss:
         try:
             t = time.perf_counter()
@@ -99,9 +100,9 @@ def build_decoder(
             seconds["build"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            passes = tuple(p for p in decoder_passes(spec) if deepstack or not isinstance(p, InsertDeepStackPass))
             if deepstack and spec.deepstack_levels == 0:
                 raise ExportError("deepstack=True but the checkpoint's vision_config has no deepstack_visual_indexes")
+            passes = tuple(p for p in decoder_passes(spec) if deepstack or not isinstance(p, InsertDeepStackPass))
             model, reports = run_passes(model, passes, graph="decoder")
             seconds["passes"] = time.perf_counter() - t
 
@@ -120,12 +121,16 @@ def build_decoder(
             t = time.perf_counter()
             out_path.parent.mkdir(parents=True, exist_ok=True)
             log(f"writing {out_path.name} ({precision}, {spec.layers} layers)")
+            writing = True
             data_files = save_streaming(model, out_path, progress=log)
             del model
             seconds["save"] = time.perf_counter() - t
-        except Qwen3VLCompileError:
-            raise
-        except Exception as e:  # noqa: BLE001 - re-raised typed, with the stage
+        except BaseException as e:
+            # A half-written model is worse than none: remove what this call wrote.
+            for partial in (out_path, out_path.with_name(out_path.name + ".data")) if writing else ():
+                partial.unlink(missing_ok=True)
+            if isinstance(e, Qwen3VLCompileError) or not isinstance(e, Exception):
+                raise
             raise ExportError(f"building {out_path.name} failed: {type(e).__name__}: {e}") from e
 
     sizes = {name: (out_path.parent / name).stat().st_size for name in [out_path.name, *data_files]}
