@@ -123,54 +123,32 @@ def _embedding(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict
 
 
 def _decoder(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
-    import time
-
-    from .export.text_decoder import build_decoder_model, save_streaming
-    from .passes import decoder_passes
-    from .passes.base import run_passes
+    from .export.decoder import build_decoder
     from .passes.check_model import check_model_file
 
     name = "decoder"
     with progress.stage(f"build decoder ({cfg.precision})"):
-        t0 = time.perf_counter()
-        model, spec = build_decoder_model(
+        report = build_decoder(
             ck,
+            staging / "decoder.onnx",
             precision=cfg.precision,
             block_size=cfg.block_size,
             accuracy_level=cfg.accuracy_level,
             keep_lm_head_fp=cfg.keep_lm_head_fp,
             logits=cfg.logits,
             context_length=cfg.context_length,
+            progress=progress.log,
         )
-        model, reports = run_passes(model, decoder_passes(spec), graph=name)
-        path = staging / "decoder.onnx"
-        data_files = save_streaming(model, path, progress=progress.log)
-        del model
-        t_check = time.perf_counter()
-        reports.append({"pass": "CheckModelPass", "modified": False, "stats": check_model_file(path),
-                        "seconds": round(time.perf_counter() - t_check, 3)})
-    io = [{"name": f"past_key_values.{{i}}.key/value", "dtype": "float32", "shape": ["batch_size", spec.kv_heads, "past_sequence_length", spec.head_dim]}]
-    manifest["graphs"][name] = {
-        "file": path.name,
-        "data_files": data_files,
-        "kind": "decoder",
-        "precision": cfg.precision,
-        "quantization": {"bits": 4, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level, "symmetric": True,
-                         "lm_head": "fp32" if cfg.keep_lm_head_fp else "int4"} if cfg.precision == "int4" else None,
-        "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items()},
-        "logits": cfg.logits,
-        "inputs": [
-            {"name": "inputs_embeds", "dtype": "float32", "shape": ["batch_size", "sequence_length", spec.hidden]},
-            {"name": "attention_mask", "dtype": "int64", "shape": ["batch_size", "total_sequence_length"]},
-            {"name": "position_ids", "dtype": "int64", "shape": [3, "batch_size", "sequence_length"]},
-            {"name": "deepstack_embeds", "dtype": "float32", "shape": [spec.deepstack_levels, "batch_size", "sequence_length", spec.hidden]},
-            *io,
-        ],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch_size", 1 if cfg.logits == "last" else "sequence_length", spec.vocab]},
-                    {"name": "present.{i}.key/value", "dtype": "float32", "shape": ["batch_size", spec.kv_heads, "total_sequence_length", spec.head_dim]}],
-        "build": {"builder": "qwen3vl-compile onnx-ir decoder builder", "seconds": round(time.perf_counter() - t0, 2)},
-        "passes": reports,
-    }
+    with progress.stage("check decoder"):
+        import time
+
+        t = time.perf_counter()
+        report["passes"].append({"pass": "CheckModelPass", "modified": False,
+                                 "stats": check_model_file(staging / report["file"]),
+                                 "seconds": round(time.perf_counter() - t, 3)})
+    manifest["graphs"][name] = {"kind": "decoder", **report,
+                                "build": {"builder": "qwen3vl-compile onnx-ir decoder builder (weights streamed)"}}
+    path = staging / report["file"]
     if not cfg.verify:
         return []
     from .export.decoder_verify import verify_decoder

@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\nqwen3vl-run: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
+        return 0
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:

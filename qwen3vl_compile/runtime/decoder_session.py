@@ -29,7 +29,7 @@ DEFAULT_MAX_LENGTH = 4096
 
 
 class DecoderSession:
-    def __init__(self, path, *, max_length: int | None = None, threads: int = 0, session=None):
+    def __init__(self, path, *, max_length: int | None = None, threads: int = 0, session=None, head_dim: int | None = None):
         import onnxruntime as ort
 
         if session is None:
@@ -46,7 +46,12 @@ class DecoderSession:
             raise RuntimeInputError(f"{path}: not a decoder graph (inputs {missing} missing)")
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         kv = inputs["past_key_values.0.key"]
-        self.kv_heads, self.head_dim = int(kv.shape[1]), int(kv.shape[3])
+        # onnxruntime-genai's decoders leave the last cache dim symbolic ("kv_cache_dim"):
+        # then the caller says what it is.
+        self.kv_heads = int(kv.shape[1])
+        self.head_dim = int(kv.shape[3]) if isinstance(kv.shape[3], int) else head_dim
+        if self.head_dim is None:
+            raise RuntimeInputError(f"{path}: the KV cache's head dimension is symbolic ({kv.shape[3]!r}); pass head_dim")
         self.hidden = int(inputs["inputs_embeds"].shape[2])
         self.has_deepstack = "deepstack_embeds" in inputs
         self.levels = int(inputs["deepstack_embeds"].shape[0]) if self.has_deepstack else 0
