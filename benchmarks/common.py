@@ -15,15 +15,18 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def median_seconds(fn, runs: int, warmup: int = 1) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians(systems: dict, runs: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per system, running the systems round-robin (one call each per round)."""
+    for fn in systems.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in systems}
     for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
+        for k, fn in systems.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def machine() -> dict:

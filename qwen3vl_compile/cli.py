@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-lm-head-fp", action="store_true", help="do not quantize lm_head in int4 mode")
     p.add_argument("--context-length", type=int, default=8192, help="KV cache / rotary table length (default 8192)")
     p.add_argument("--logits", default="last", choices=("last", "all"), help="decoder logits for the last position only (default) or all")
+    p.add_argument("--embedding-precision", default="auto", choices=("auto", "fp32"),
+                   help="token embedding table: the checkpoint's dtype (auto: bf16 stays bf16, exact) or fp32")
     p.add_argument("--graphs", default=",".join(GRAPH_KINDS), help="which graphs to build (default: all)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity gate (figures are then not measured)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             keep_lm_head_fp=args.keep_lm_head_fp,
             context_length=args.context_length,
             logits=args.logits,
+            embedding_precision=args.embedding_precision,
             graphs=tuple(g.strip() for g in args.graphs.split(",") if g.strip()),
             verify=not args.no_verify,
             force=args.force,

@@ -89,12 +89,14 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
 
 
 def _vision(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
+    from .buckets import split_buckets
     from .export.vision import export_vision_bucket, graph_name, verify_vision_bucket
 
+    static, dynamic = split_buckets(cfg.buckets)
     with progress.stage("load vision tower"):
         visual = ck.load_vision_tower()
     failures = []
-    for bucket in cfg.buckets:
+    for bucket in static:
         name = graph_name(bucket)
         with progress.stage(f"export {name} (grid {bucket.grid_thw[1]}x{bucket.grid_thw[2]})"):
             report = export_vision_bucket(visual, bucket, staging)
@@ -105,15 +107,32 @@ def _vision(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, p
                 parity = verify_vision_bucket(staging / report["file"], visual, bucket, threads=cfg.threads)
             _record_parity(manifest, staging, name, parity)
             failures += parity.failures()
+    if dynamic is not None:
+        failures += _vision_dynamic(visual, cfg, staging, manifest, progress)
     del visual
     return failures
+
+
+def _vision_dynamic(visual, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
+    """The any-size vision graph (``--buckets ...,dynamic``): grid as an input, checked on
+    grids the export never saw and on several images in one call."""
+    from .export.vision_dynamic import GRAPH_NAME, export_vision_dynamic, verify_vision_dynamic
+
+    with progress.stage(f"export {GRAPH_NAME} (grid from image_grid_thw)"):
+        manifest["graphs"][GRAPH_NAME] = report = export_vision_dynamic(visual, staging)
+    if not cfg.verify:
+        return []
+    with progress.stage(f"verify {GRAPH_NAME}"):
+        parity = verify_vision_dynamic(staging / report["file"], visual, threads=cfg.threads)
+    _record_parity(manifest, staging, GRAPH_NAME, parity)
+    return parity.failures()
 
 
 def _embedding(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
     from .export.embedding import build_embedding, verify_embedding
 
     with progress.stage("build embedding"):
-        manifest["graphs"]["embedding"] = report = build_embedding(ck, staging)
+        manifest["graphs"]["embedding"] = report = build_embedding(ck, staging, precision=cfg.embedding_precision)
     if not cfg.verify:
         return []
     with progress.stage("verify embedding"):

@@ -23,6 +23,7 @@ class CompileConfig:
     keep_lm_head_fp: bool = False
     context_length: int = 8192
     logits: str = "last"
+    embedding_precision: str = "auto"
     graphs: tuple[str, ...] = GRAPH_KINDS
     verify: bool = True
     force: bool = False
@@ -43,6 +44,8 @@ class CompileConfig:
             raise UsageError(f"--accuracy-level {self.accuracy_level}: choose 0..4")
         if self.context_length < 64:
             raise UsageError(f"--context-length {self.context_length}: must be at least 64")
+        if self.embedding_precision not in ("auto", "fp32"):
+            raise UsageError(f"--embedding-precision {self.embedding_precision!r}: choose auto or fp32")
         if self.logits not in ("last", "all"):
             raise UsageError(f"--logits {self.logits!r}: choose last or all")
         if "vision" in self.graphs and not self.buckets:
@@ -56,6 +59,7 @@ class CompileConfig:
             "keep_lm_head_fp": self.keep_lm_head_fp,
             "context_length": self.context_length,
             "logits": self.logits,
+            "embedding_precision": self.embedding_precision,
             "graphs": list(self.graphs),
             "buckets": [b.name for b in self.buckets],
             "verify": self.verify,

@@ -84,3 +84,23 @@ def test_pad_count_mismatch_is_refused(embedding_session):
             OUTPUT_NAMES,
             {"input_ids": ids, "image_features": np.zeros((3, 128), np.float32), "deepstack_features": np.zeros((3, 3, 128), np.float32)},
         )
+
+
+def test_bf16_table_is_kept_and_upcast_exactly(tmp_path):
+    """A bf16 checkpoint's table stays bf16 on disk (half the bytes) and the graph's output
+    equals the fp32 upcast Hugging Face does when it loads the checkpoint in fp32."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    from qwen3vl_compile.export.embedding import build_embedding_graph
+
+    w = torch.randn(1000, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    model = build_embedding_graph(w.view(torch.uint16).numpy().view(ml_dtypes.bfloat16), num_levels=3, pad_token_ids=(999,))
+    assert model.graph.initializers["embed_tokens.weight"].dtype == ir.DataType.BFLOAT16
+    ir.save(model, tmp_path / "e.onnx")
+    s = ort.InferenceSession(str(tmp_path / "e.onnx"))
+    ids = np.array([[1, 5, 999, 7]], np.int64)
+    feats = np.full((1, 16), 2.0, np.float32)
+    embeds, _ = s.run(OUTPUT_NAMES, {"input_ids": ids, "image_features": feats, "deepstack_features": np.zeros((3, 1, 16), np.float32)})
+    np.testing.assert_array_equal(embeds[0, [0, 1, 3]], w.float().numpy()[[1, 5, 7]])
+    np.testing.assert_array_equal(embeds[0, 2], feats[0])

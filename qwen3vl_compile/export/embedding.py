@@ -60,7 +60,7 @@ def build_embedding_graph(embed_tokens: np.ndarray, *, num_levels: int, pad_toke
     def _const_(name, array):
         return _const(name, array, inits)
 
-    table = _const_("embed_tokens.weight", np.ascontiguousarray(embed_tokens, dtype=np.float32))
+    table = _const_("embed_tokens.weight", np.ascontiguousarray(embed_tokens))
     nodes: list[ir.Node] = []
 
     def op(op_type, inputs, name, **attrs):
@@ -70,6 +70,10 @@ def build_embedding_graph(embed_tokens: np.ndarray, *, num_levels: int, pad_toke
         return n.outputs[0]
 
     embeds = op("Gather", [table, input_ids], "token_embeds", axis=0)
+    if embed_tokens.dtype != np.float32:
+        # Stored as in the checkpoint (bf16/fp16): the upcast to fp32 is exact, and it is what
+        # Hugging Face does when it loads such a checkpoint in fp32.
+        embeds = op("Cast", [embeds], "token_embeds_fp32", to=f32)
     mask = None
     for tid in pad_token_ids:
         eq = op("Equal", [input_ids, _const_(f"pad_id_{tid}", np.array(tid, np.int64))], f"is_pad_{tid}")
@@ -101,13 +105,34 @@ def build_embedding_graph(embed_tokens: np.ndarray, *, num_levels: int, pad_toke
     return ir.Model(graph, ir_version=10, producer_name="qwen3vl-compile")
 
 
-def build_embedding(ck: Checkpoint, out_dir: Path) -> dict:
-    """Write ``embedding.onnx`` from the checkpoint's ``embed_tokens`` (fp32, exact)."""
+EMBEDDING_PRECISIONS = ("auto", "fp32")
+
+
+def _table(ck: Checkpoint, key: str, precision: str) -> np.ndarray:
+    """``auto``: the checkpoint's own dtype (bf16 stays bf16: half the size of fp32 and exact
+    after the graph's upcast); ``fp32``: always fp32."""
+    import torch
+
+    t = ck.tensor(key)
+    if precision == "fp32" or t.dtype == torch.float32:
+        return t.float().numpy()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.contiguous().view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    if t.dtype == torch.float16:
+        return t.numpy()
+    return t.float().numpy()
+
+
+def build_embedding(ck: Checkpoint, out_dir: Path, *, precision: str = "auto") -> dict:
+    """Write ``embedding.onnx`` from the checkpoint's ``embed_tokens`` (exact either way)."""
     from qwen3vl_compile.passes.base import run_passes
     from qwen3vl_compile.passes.check_model import CheckModelPass
 
     key = ck.find("embed_tokens.weight", ("model.language_model.", "model.", "language_model.model."))
-    weight = ck.tensor(key).float().numpy()
+    weight = _table(ck, key, precision)
+    stored = str(weight.dtype)
     levels = len(ck.vision_config.get("deepstack_visual_indexes", []))
     pads = (ck.config.get("image_token_id", 151655), ck.config.get("video_token_id", 151656))
     model = build_embedding_graph(weight, num_levels=levels, pad_token_ids=pads)
@@ -127,6 +152,7 @@ def build_embedding(ck: Checkpoint, out_dir: Path) -> dict:
         "data_files": data_files,
         "kind": "embedding",
         "precision": "fp32",
+        "table_dtype": stored,
         "inputs": [
             {"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
             {"name": "image_features", "dtype": "float32", "shape": ["num_image_tokens", hidden]},

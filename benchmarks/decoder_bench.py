@@ -1,0 +1,158 @@
+"""Text decoder, 4B scale: our INT4 decoder vs onnxruntime-genai's builder INT4 decoder (and
+optionally PyTorch eager), side by side in one run, same machine, same threads.
+
+    python benchmarks/decoder_bench.py --bundle /work/bench/4b-int4 --genai /work/bench/genai-int4 \
+        [--build-genai] [--torch] --threads 2
+
+Workload (as in the issue): a 300-token prompt (prefill: time to the first logits) and 128
+greedy tokens (decode tokens/s). Both ONNX decoders run through the same host loop
+(``DecoderSession``: one preallocated KV buffer per layer bound as past and present, the
+setup under which onnxruntime-genai's own loop was measured equally fast), fed the same
+``inputs_embeds`` from our embedding graph. onnxruntime-genai's decoder computes lm_head for
+every prompt position (its design); ours for the last one only.
+
+``--build-genai`` runs onnxruntime-genai's model builder (INT4, CPU, exclude_embeds) on the
+bundle's source checkpoint under /usr/bin/time (wall time and peak RSS). ``--torch`` runs
+Hugging Face eager fp32 on the same workload in a subprocess (it needs ~17 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, run_timed, save, table  # noqa: E402
+
+PROMPT, NEW = 300, 128
+
+
+def _session(path, threads):
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = threads
+    o.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(decoder_path, embed_session, threads, head_dim, ids, repeats):
+    from qwen3vl_compile.runtime.decoder_session import DecoderSession
+
+    sess = DecoderSession(decoder_path, max_length=PROMPT + NEW + 8, session=_session(decoder_path, threads), head_dim=head_dim)
+    levels, hidden = sess.levels, sess.hidden
+    no_img = {"image_features": np.zeros((0, hidden), np.float32), "deepstack_features": np.zeros((3, 0, hidden), np.float32)}
+
+    def embed(tokens):
+        return embed_session.run(["inputs_embeds"], {"input_ids": np.asarray(tokens, np.int64)[None], **no_img})[0]
+
+    prompt_embeds = embed(ids)
+    pos = np.broadcast_to(np.arange(PROMPT), (3, 1, PROMPT)).copy()
+    deep = np.zeros((levels, 1, PROMPT, hidden), np.float32) if levels else None
+    prefill, decode, tokens = [], [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        logits = sess.prefill(prompt_embeds, pos, deep)
+        prefill.append(time.perf_counter() - t)
+        out = [int(np.argmax(logits[0, -1]))]
+        t = time.perf_counter()
+        for i in range(NEW - 1):
+            step_pos = np.full((3, 1, 1), PROMPT + i, np.int64)
+            logits = sess.step(embed([out[-1]]), step_pos)
+            out.append(int(np.argmax(logits[0, -1])))
+        decode.append(time.perf_counter() - t)
+        tokens = out
+    return {"prefill_s": float(np.median(prefill)), "decode_tok_s": (NEW - 1) / float(np.median(decode)), "tokens": tokens}
+
+
+TORCH_SCRIPT = r"""
+import json, sys, time, resource, torch, numpy as np
+from transformers import Qwen3VLForConditionalGeneration, DynamicCache
+path, threads, prompt, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+ids = torch.tensor(json.loads(sys.argv[5]))[None]
+with torch.no_grad():
+    cache = DynamicCache(config=model.config.text_config)
+    t = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - t
+    tok = out.logits[0, -1].argmax().view(1, 1)
+    t = time.perf_counter()
+    for i in range(new - 1):
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        tok = out.logits[0, -1].argmax().view(1, 1)
+    decode = time.perf_counter() - t
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"prefill_s": prefill, "decode_tok_s": (new - 1) / decode, "peak_rss_bytes": rss}))
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bundle", required=True, type=Path)
+    ap.add_argument("--genai", type=Path, default=None)
+    ap.add_argument("--build-genai", action="store_true")
+    ap.add_argument("--torch", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--name", default="decoder_4b")
+    args = ap.parse_args()
+
+    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    spec = manifest["graphs"]["decoder"]["spec"]
+    source = manifest["source"]["path"]
+    results, notes = {}, {}
+    if args.build_genai:
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", source, "-o", str(args.genai),
+               "-p", "int4", "-e", "cpu", "--extra_options", "exclude_embeds=true"]
+        wall, rss, _ = run_timed(cmd)
+        notes["genai_build"] = {"wall_s": wall, "peak_rss_bytes": rss}
+    embed_session = _session(args.bundle / "embedding.onnx", args.threads)
+    ids = np.random.default_rng(0).integers(0, 150000, PROMPT).tolist()
+    results["qwen3vl-compile INT4"] = run_onnx(args.bundle / "decoder.onnx", embed_session, args.threads, spec["head_dim"], ids, args.repeats)
+    if args.genai:
+        results["onnxruntime-genai builder INT4"] = run_onnx(args.genai / "model.onnx", embed_session, args.threads, spec["head_dim"], ids, args.repeats)
+    del embed_session
+    if args.torch:
+        proc = subprocess.run([sys.executable, "-c", TORCH_SCRIPT, source, str(args.threads), str(PROMPT), str(NEW), json.dumps(ids)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr[-2000:])
+        else:
+            results["PyTorch eager fp32"] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    base = results.get("onnxruntime-genai builder INT4")
+    rows = []
+    for name, r in results.items():
+        row = [name, f"{r['prefill_s']:.2f}", f"{PROMPT / r['prefill_s']:.1f}", f"{r['decode_tok_s']:.2f}"]
+        if base:
+            row += [f"{base['prefill_s'] / r['prefill_s']:.2f}x", f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x"]
+        rows.append(row)
+    header = ["system", f"prefill {PROMPT} tok (s)", "prefill tok/s", f"decode tok/s ({NEW} greedy)"]
+    if base:
+        header += ["prefill speed vs genai", "decode speed vs genai"]
+    date = datetime.date.today().isoformat()
+    m = machine()
+    lines = [f"Decoder, qwen3-vl-4b random weights, {args.threads} threads, median of {args.repeats}; {date}, {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB", "", table(rows, header)]
+    if "genai_build" in notes:
+        lines.append(f"\nonnxruntime-genai builder (INT4): wall {notes['genai_build']['wall_s']:.0f} s, peak RSS {notes['genai_build']['peak_rss_bytes'] / 2**30:.1f} GiB")
+    g = manifest["graphs"]["decoder"]
+    lines.append(f"qwen3vl-compile decoder: {g['sizes']['total'] / 1e9:.2f} GB on disk, build {g['seconds']['total']:.0f} s, build peak RSS {g['peak_rss_bytes'] / 2**30:.2f} GiB")
+    if "PyTorch eager fp32" in results:
+        lines.append(f"PyTorch eager fp32 peak RSS {results['PyTorch eager fp32']['peak_rss_bytes'] / 2**30:.1f} GiB")
+    text = "\n".join(lines)
+    print(text)
+    save(args.name, {"date": date, "machine": m, "threads": args.threads, "results": results, "notes": notes}, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
