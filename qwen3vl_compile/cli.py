@@ -29,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-lm-head-fp", action="store_true", help="do not quantize lm_head in int4 mode")
     p.add_argument("--context-length", type=int, default=8192, help="KV cache / rotary table length (default 8192)")
     p.add_argument("--logits", default="last", choices=("last", "all"), help="decoder logits for the last position only (default) or all")
-    p.add_argument("--embedding-precision", default="auto", choices=("auto", "fp32"),
-                   help="token embedding table: the checkpoint's dtype (auto: bf16 stays bf16, exact) or fp32")
+    p.add_argument("--embedding-precision", default="auto", choices=("auto", "fp32", "int4"),
+                   help="token embedding table: the checkpoint's dtype (auto: bf16 stays bf16, exact), fp32, or "
+                        "int4 (reuses the INT4 lm_head's bytes: no extra size, quantized embeddings)")
     p.add_argument("--graphs", default=",".join(GRAPH_KINDS), help="which graphs to build (default: all)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity gate (figures are then not measured)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")

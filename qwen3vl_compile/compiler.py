@@ -67,10 +67,11 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
         failures: list[str] = []
         if "vision" in cfg.graphs:
             failures += _vision(ck, cfg, staging, manifest, progress)
-        if "embedding" in cfg.graphs:
-            failures += _embedding(ck, cfg, staging, manifest, progress)
-        if "decoder" in cfg.graphs:
-            failures += _decoder(ck, cfg, staging, manifest, progress)
+        # An INT4 embedding reuses the decoder's INT4 lm_head bytes, so it comes second.
+        order = ("decoder", "embedding") if cfg.embedding_precision == "int4" else ("embedding", "decoder")
+        for kind in order:
+            if kind in cfg.graphs:
+                failures += (_embedding if kind == "embedding" else _decoder)(ck, cfg, staging, manifest, progress)
         if failures:
             raise VerifyError("parity check failed (no bundle written; use --no-verify to keep it anyway)", failures)
         with progress.stage("write"):
@@ -132,11 +133,13 @@ def _embedding(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict
     from .export.embedding import build_embedding, verify_embedding
 
     with progress.stage("build embedding"):
-        manifest["graphs"]["embedding"] = report = build_embedding(ck, staging, precision=cfg.embedding_precision)
+        manifest["graphs"]["embedding"] = report = build_embedding(
+            ck, staging, precision=cfg.embedding_precision, block_size=cfg.block_size
+        )
     if not cfg.verify:
         return []
     with progress.stage("verify embedding"):
-        parity = verify_embedding(staging / report["file"], ck)
+        parity = verify_embedding(staging / report["file"], ck, precision=report["precision"])
     _record_parity(manifest, staging, "embedding", parity)
     return parity.failures()
 

@@ -44,8 +44,15 @@ class CompileConfig:
             raise UsageError(f"--accuracy-level {self.accuracy_level}: choose 0..4")
         if self.context_length < 64:
             raise UsageError(f"--context-length {self.context_length}: must be at least 64")
-        if self.embedding_precision not in ("auto", "fp32"):
-            raise UsageError(f"--embedding-precision {self.embedding_precision!r}: choose auto or fp32")
+        if self.embedding_precision not in ("auto", "fp32", "int4"):
+            raise UsageError(f"--embedding-precision {self.embedding_precision!r}: choose auto, fp32 or int4")
+        if self.embedding_precision == "int4" and (
+            self.precision != "int4" or self.keep_lm_head_fp or not {"embedding", "decoder"} <= set(self.graphs)
+        ):
+            raise UsageError(
+                "--embedding-precision int4 shares the decoder's INT4 lm_head: it needs --precision int4, "
+                "no --keep-lm-head-fp, and both the embedding and decoder graphs"
+            )
         if self.logits not in ("last", "all"):
             raise UsageError(f"--logits {self.logits!r}: choose last or all")
         if "vision" in self.graphs and not self.buckets:

@@ -104,3 +104,23 @@ def test_bf16_table_is_kept_and_upcast_exactly(tmp_path):
     embeds, _ = s.run(OUTPUT_NAMES, {"input_ids": ids, "image_features": feats, "deepstack_features": np.zeros((3, 1, 16), np.float32)})
     np.testing.assert_array_equal(embeds[0, [0, 1, 3]], w.float().numpy()[[1, 5, 7]])
     np.testing.assert_array_equal(embeds[0, 2], feats[0])
+
+
+def test_int4_embedding_shares_the_lm_head_bytes(tiny_checkpoint, tmp_path):
+    """--embedding-precision int4: the embedding graph points into decoder.onnx.data (no bytes
+    of its own) and returns exactly the dequantized rows of the INT4 lm_head."""
+    from qwen3vl_compile.export.decoder import build_decoder
+    from qwen3vl_compile.export.quantize import dequantize_int4, quantize_int4
+
+    build_decoder(tiny_checkpoint, tmp_path / "decoder.onnx", precision="int4", context_length=256)
+    report = build_embedding(tiny_checkpoint, tmp_path, precision="int4")
+    assert report["precision"] == "int4" and report["data_files"] == ["decoder.onnx.data"]
+    assert (tmp_path / "embedding.onnx").stat().st_size < 10_000
+    w = tiny_checkpoint.tensor("model.language_model.embed_tokens.weight").float().numpy()
+    deq = dequantize_int4(*quantize_int4(w.T.copy(), 32), w.shape[1]).T
+    ids = np.array([[0, 17, 151643, 99999]], np.int64)
+    s = ort.InferenceSession(str(tmp_path / "embedding.onnx"))
+    embeds, _ = s.run(OUTPUT_NAMES, {"input_ids": ids, "image_features": np.zeros((0, 128), np.float32),
+                                     "deepstack_features": np.zeros((3, 0, 128), np.float32)})
+    np.testing.assert_allclose(embeds[0], deq[ids[0]], rtol=0, atol=1e-6)
+    assert np.abs(embeds[0] - w[ids[0]]).max() > 1e-3  # quantized: not the fp32 table

@@ -23,17 +23,25 @@ it first to say so with both counts.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from ..checkpoint import Checkpoint
+from ..errors import UsageError
 
 INPUT_NAMES = ["input_ids", "image_features", "deepstack_features"]
 OUTPUT_NAMES = ["inputs_embeds", "deepstack_embeds"]
 OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 256 << 20
+
+
+def _init(tensor: ir.TensorProtocol, registry: list[ir.Value]) -> ir.Value:
+    v = ir.Value(name=tensor.name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape))
+    registry.append(v)
+    return v
 
 
 def _const(name: str, array: np.ndarray, registry: list[ir.Value]) -> ir.Value:
@@ -47,8 +55,21 @@ def _const(name: str, array: np.ndarray, registry: list[ir.Value]) -> ir.Value:
     return v
 
 
-def build_embedding_graph(embed_tokens: np.ndarray, *, num_levels: int, pad_token_ids: tuple[int, ...]) -> ir.Model:
-    vocab, hidden = embed_tokens.shape
+@dataclasses.dataclass(frozen=True)
+class Int4Table:
+    """The embedding table as the decoder's INT4 lm_head stores it (tied embeddings): packed
+    uint8 ``[vocab, hidden/2]`` (MatMulNBits' ``[vocab, hidden/bs, bs/2]`` bytes) and fp32
+    scales ``[vocab, hidden/bs]``, both read from the decoder's external data file."""
+
+    data: ir.TensorProtocol
+    scales: ir.TensorProtocol
+    block_size: int
+    hidden: int
+
+
+def build_embedding_graph(embed_tokens, *, num_levels: int, pad_token_ids: tuple[int, ...]) -> ir.Model:
+    """``embed_tokens``: an array [vocab, hidden] (fp32, bf16 or fp16) or an :class:`Int4Table`."""
+    hidden = embed_tokens.hidden if isinstance(embed_tokens, Int4Table) else embed_tokens.shape[1]
     f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
     input_ids = ir.Value(name="input_ids", type=ir.TensorType(i64), shape=ir.Shape(["batch_size", "sequence_length"]))
     feats = ir.Value(name="image_features", type=ir.TensorType(f32), shape=ir.Shape(["num_image_tokens", hidden]))
@@ -60,17 +81,25 @@ def build_embedding_graph(embed_tokens: np.ndarray, *, num_levels: int, pad_toke
     def _const_(name, array):
         return _const(name, array, inits)
 
-    table = _const_("embed_tokens.weight", np.ascontiguousarray(embed_tokens))
     nodes: list[ir.Node] = []
 
-    def op(op_type, inputs, name, **attrs):
-        n = ir.node(op_type, inputs, attributes=attrs, name=name)
+    def op(op_type, inputs, name, domain="", **attrs):
+        n = ir.node(op_type, inputs, attributes=attrs, name=name, domain=domain)
         n.outputs[0].name = name
         nodes.append(n)
         return n.outputs[0]
 
-    embeds = op("Gather", [table, input_ids], "token_embeds", axis=0)
-    if embed_tokens.dtype != np.float32:
+    opsets = {"": OPSET}
+    if isinstance(embed_tokens, Int4Table):
+        data = _init(embed_tokens.data, inits)
+        scales = _init(embed_tokens.scales, inits)
+        embeds = op("GatherBlockQuantized", [data, input_ids, scales], "token_embeds", domain="com.microsoft",
+                    gather_axis=0, quantize_axis=1, block_size=embed_tokens.block_size, bits=4)
+        opsets["com.microsoft"] = 1
+    else:
+        table = _const_("embed_tokens.weight", np.ascontiguousarray(embed_tokens))
+        embeds = op("Gather", [table, input_ids], "token_embeds", axis=0)
+    if not isinstance(embed_tokens, Int4Table) and embed_tokens.dtype != np.float32:
         # Stored as in the checkpoint (bf16/fp16): the upcast to fp32 is exact, and it is what
         # Hugging Face does when it loads such a checkpoint in fp32.
         embeds = op("Cast", [embeds], "token_embeds_fp32", to=f32)
@@ -99,13 +128,39 @@ def build_embedding_graph(embed_tokens: np.ndarray, *, num_levels: int, pad_toke
         outputs=[out_embeds, deep_out],
         nodes=nodes,
         initializers=inits,
-        opset_imports={"": OPSET},
+        opset_imports=opsets,
         name="embedding",
     )
     return ir.Model(graph, ir_version=10, producer_name="qwen3vl-compile")
 
 
-EMBEDDING_PRECISIONS = ("auto", "fp32")
+EMBEDDING_PRECISIONS = ("auto", "fp32", "int4")
+
+
+def shared_int4_table(decoder_path: Path, block_size: int) -> Int4Table:
+    """Point at the decoder's INT4 lm_head bytes (no copy): the embedding graph then adds
+    nothing to the bundle's size."""
+    import onnx
+
+    proto = onnx.load(str(decoder_path), load_external_data=False)
+    found = {}
+    for t in proto.graph.initializer:
+        if t.name in ("/lm_head.qweight", "/lm_head.scales"):
+            info = {e.key: e.value for e in t.external_data}
+            found[t.name] = (info["location"], int(info["offset"]), int(info["length"]), list(t.dims))
+    if len(found) != 2:
+        raise UsageError(
+            "--embedding-precision int4 shares the decoder's INT4 lm_head: it needs --precision int4, "
+            "tied word embeddings and no --keep-lm-head-fp"
+        )
+    (loc, off, length, (vocab, kb, half)) = found["/lm_head.qweight"]
+    hidden = kb * half * 2
+    data = ir.ExternalTensor(loc, off, length, ir.DataType.UINT8, shape=ir.Shape([vocab, hidden // 2]),
+                             name="embed_tokens.qweight", base_dir=decoder_path.parent)
+    loc_s, off_s, len_s, dims_s = found["/lm_head.scales"]
+    scales = ir.ExternalTensor(loc_s, off_s, len_s, ir.DataType.FLOAT, shape=ir.Shape(dims_s),
+                               name="embed_tokens.scales", base_dir=decoder_path.parent)
+    return Int4Table(data, scales, block_size, hidden)
 
 
 def _table(ck: Checkpoint, key: str, precision: str) -> np.ndarray:
@@ -125,33 +180,55 @@ def _table(ck: Checkpoint, key: str, precision: str) -> np.ndarray:
     return t.float().numpy()
 
 
-def build_embedding(ck: Checkpoint, out_dir: Path, *, precision: str = "auto") -> dict:
-    """Write ``embedding.onnx`` from the checkpoint's ``embed_tokens`` (exact either way)."""
+def build_embedding(ck: Checkpoint, out_dir: Path, *, precision: str = "auto", block_size: int = 32) -> dict:
+    """Write ``embedding.onnx`` from the checkpoint's ``embed_tokens``: exact for ``auto`` and
+    ``fp32``; ``int4`` reuses the decoder's INT4 lm_head (decoder.onnx must exist)."""
     from qwen3vl_compile.passes.base import run_passes
     from qwen3vl_compile.passes.check_model import CheckModelPass
 
     key = ck.find("embed_tokens.weight", ("model.language_model.", "model.", "language_model.model."))
-    weight = _table(ck, key, precision)
-    stored = str(weight.dtype)
+    if precision == "int4":
+        if not ck.tie_word_embeddings:
+            raise UsageError("--embedding-precision int4 needs a checkpoint with tied word embeddings")
+        weight = shared_int4_table(out_dir / "decoder.onnx", block_size)
+        stored = "int4 (shared with the decoder's lm_head)"
+    else:
+        weight = _table(ck, key, precision)
+        stored = str(weight.dtype)
     levels = len(ck.vision_config.get("deepstack_visual_indexes", []))
     pads = (ck.config.get("image_token_id", 151655), ck.config.get("video_token_id", 151656))
     model = build_embedding_graph(weight, num_levels=levels, pad_token_ids=pads)
     del weight
-    model, reports = run_passes(model, (CheckModelPass(),), graph="embedding")
     path = out_dir / "embedding.onnx"
-    nbytes = model.graph.initializers["embed_tokens.weight"].const_value.nbytes
     data_files = []
-    if nbytes > EXTERNAL_DATA_THRESHOLD:
+    if precision == "int4":
+        # The table stays an external reference into decoder.onnx.data: check the saved file.
+        import time
+
+        from qwen3vl_compile.passes.check_model import check_model_file
+
+        ir.save(model, path)
+        data_files.append("decoder.onnx.data")
+        t = time.perf_counter()
+        reports = [{"pass": "CheckModelPass", "modified": False, "stats": check_model_file(path),
+                    "seconds": round(time.perf_counter() - t, 3)}]
+        return _report(path, data_files, precision, stored, levels, ck, reports)
+    model, reports = run_passes(model, (CheckModelPass(),), graph="embedding")
+    if model.graph.initializers["embed_tokens.weight"].const_value.nbytes > EXTERNAL_DATA_THRESHOLD:
         ir.save(model, path, external_data="embedding.onnx.data")
         data_files.append("embedding.onnx.data")
     else:
         ir.save(model, path)
+    return _report(path, data_files, precision, stored, levels, ck, reports)
+
+
+def _report(path, data_files, precision, stored, levels, ck, reports) -> dict:
     hidden = ck.text_config["hidden_size"]
     return {
         "file": path.name,
         "data_files": data_files,
         "kind": "embedding",
-        "precision": "fp32",
+        "precision": "int4" if precision == "int4" else "fp32",
         "table_dtype": stored,
         "inputs": [
             {"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
@@ -162,7 +239,7 @@ def build_embedding(ck: Checkpoint, out_dir: Path, *, precision: str = "auto") -
             {"name": "inputs_embeds", "dtype": "float32", "shape": ["batch_size", "sequence_length", hidden]},
             {"name": "deepstack_embeds", "dtype": "float32", "shape": [levels, "batch_size", "sequence_length", hidden]},
         ],
-        "pad_token_ids": list(pads),
+        "pad_token_ids": [ck.config.get("image_token_id", 151655), ck.config.get("video_token_id", 151656)],
         "passes": reports,
     }
 
@@ -186,7 +263,7 @@ def reference_embedding(weight, input_ids: np.ndarray, image_features: np.ndarra
     return {"inputs_embeds": out.numpy(), "deepstack_embeds": torch.stack(levels).numpy() if levels else np.zeros((0,) + tuple(embeds.shape), np.float32)}
 
 
-def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3):
+def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3, precision: str = "fp32"):
     """Parity of embedding.onnx against the reference on a text-only and a two-image prompt."""
     import onnxruntime as ort
 
@@ -202,7 +279,7 @@ def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3):
     text = rng.integers(0, 1000, size=(1, 12)).astype(np.int64)
     two_images = np.concatenate([text[:, :3], np.full((1, 4), pad), text[:, 3:6], np.full((1, 6), pad), text[:, 6:]], axis=1)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    tol = TOLERANCES[("embedding", "fp32")]
+    tol = TOLERANCES[("embedding", precision)]
     cases, golden = {}, {}
     for case, ids in (("text_only", text), ("two_images", two_images)):
         m = int(np.isin(ids, pads).sum())
@@ -213,4 +290,4 @@ def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3):
         cases[case] = [measure(k, got[k], ref[k], tol) for k in OUTPUT_NAMES]
         if case == "two_images":
             golden = {"input_ids": ids, "image_features": feats, "deepstack_features": deep, **ref}
-    return GraphParity("embedding", "embedding", "fp32", "torch embedding + masked_scatter (Qwen3VLModel.forward)", cases, golden)
+    return GraphParity("embedding", "embedding", precision, "torch embedding + masked_scatter (Qwen3VLModel.forward)", cases, golden)
