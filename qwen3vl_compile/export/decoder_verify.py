@@ -25,9 +25,11 @@ from ..verify import TOLERANCES, GraphParity, measure
 FP32_REFERENCE_BUDGET = 6 << 30  # bytes of fp32 weights we are willing to hold for a reference
 
 
-def _reference_model(ck: Checkpoint):
+def _reference_model(ck: Checkpoint, dtype=None):
     import torch
 
+    if dtype is not None:
+        return ck.load_full_model(dtype=dtype), dtype
     t = ck.text_config
     params = t["vocab_size"] * t["hidden_size"] * 2 + t["num_hidden_layers"] * (
         4 * t["hidden_size"] ** 2 + 3 * t["hidden_size"] * t["intermediate_size"]
@@ -36,13 +38,17 @@ def _reference_model(ck: Checkpoint):
     return ck.load_full_model(dtype=dtype), dtype
 
 
-def verify_decoder(onnx_path: Path, ck: Checkpoint, precision: str, *, threads: int = 0, seed: int = 5) -> GraphParity:
+def verify_decoder(
+    onnx_path: Path, ck: Checkpoint, precision: str, *, threads: int = 0, seed: int = 5, reference=None
+) -> GraphParity:
+    """``reference``: an already loaded (model, dtype) pair, to share one reference between
+    several decoders; by default the model is loaded here (fp32 if it fits the budget)."""
     import torch
     from transformers import DynamicCache
 
     from ..runtime.decoder_session import DecoderSession
 
-    model, dtype = _reference_model(ck)
+    model, dtype = reference or _reference_model(ck)
     image_id = ck.config.get("image_token_id", 151655)
     vs, ve = ck.config.get("vision_start_token_id", 151652), ck.config.get("vision_end_token_id", 151653)
     merge = ck.vision_config.get("spatial_merge_size", 2)
