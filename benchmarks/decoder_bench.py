@@ -116,6 +116,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--name", default="decoder_4b")
+    ap.add_argument("--extra", action="append", default=[], metavar="LABEL=DECODER.onnx",
+                    help="another of our decoders to time in the same run (e.g. built with --block-size 128)")
     args = ap.parse_args()
 
     manifest = json.loads((args.bundle / "manifest.json").read_text())
@@ -130,6 +132,9 @@ def main() -> int:
     embed_session = _session(args.bundle / "embedding.onnx", args.threads)
     ids = np.random.default_rng(0).integers(0, 150000, PROMPT).tolist()
     results["qwen3vl-compile INT4"] = run_onnx(args.bundle / "decoder.onnx", embed_session, args.threads, spec["head_dim"], ids, args.repeats)
+    for extra in args.extra:
+        label, path = extra.split("=", 1)
+        results[label] = run_onnx(Path(path), embed_session, args.threads, spec["head_dim"], ids, args.repeats)
     if args.genai:
         results["onnxruntime-genai builder INT4"] = run_onnx(args.genai / "model.onnx", embed_session, args.threads, spec["head_dim"], ids, args.repeats)
     del embed_session
