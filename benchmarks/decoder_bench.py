@@ -4,7 +4,7 @@ optionally PyTorch eager), side by side in one run, same machine, same threads.
     python benchmarks/decoder_bench.py --bundle /work/bench/4b-int4 --genai /work/bench/genai-int4 \
         [--build-genai] [--torch] --threads 2
 
-Workload (as in the issue): a 300-token prompt (prefill: time to the first logits) and 128
+Workload (as in the issue), run round-robin over the systems: a 300-token prompt (prefill: time to the first logits) and 128
 greedy tokens (decode tokens/s). Both ONNX decoders run through the same host loop
 (``DecoderSession``: one preallocated KV buffer per layer bound as past and present, the
 setup under which onnxruntime-genai's own loop was measured equally fast), fed the same
@@ -43,33 +43,39 @@ def _session(path, threads):
     return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(decoder_path, embed_session, threads, head_dim, ids, repeats):
-    from qwen3vl_compile.runtime.decoder_session import DecoderSession
+class OnnxDecoder:
+    """One decoder loaded once; :meth:`once` runs the workload one time."""
 
-    sess = DecoderSession(decoder_path, max_length=PROMPT + NEW + 8, session=_session(decoder_path, threads), head_dim=head_dim)
-    levels, hidden = sess.levels, sess.hidden
-    no_img = {"image_features": np.zeros((0, hidden), np.float32), "deepstack_features": np.zeros((3, 0, hidden), np.float32)}
+    def __init__(self, decoder_path, embed_session, threads, head_dim, ids):
+        from qwen3vl_compile.runtime.decoder_session import DecoderSession
 
-    def embed(tokens):
-        return embed_session.run(["inputs_embeds"], {"input_ids": np.asarray(tokens, np.int64)[None], **no_img})[0]
+        self.sess = DecoderSession(decoder_path, max_length=PROMPT + NEW + 8, session=_session(decoder_path, threads), head_dim=head_dim)
+        hidden = self.sess.hidden
+        self.embed_session = embed_session
+        self.no_img = {"image_features": np.zeros((0, hidden), np.float32), "deepstack_features": np.zeros((3, 0, hidden), np.float32)}
+        self.prompt_embeds = self.embed(ids)
+        self.pos = np.broadcast_to(np.arange(PROMPT), (3, 1, PROMPT)).copy()
+        self.deep = np.zeros((self.sess.levels, 1, PROMPT, hidden), np.float32) if self.sess.levels else None
+        self.prefill, self.decode, self.tokens = [], [], None
 
-    prompt_embeds = embed(ids)
-    pos = np.broadcast_to(np.arange(PROMPT), (3, 1, PROMPT)).copy()
-    deep = np.zeros((levels, 1, PROMPT, hidden), np.float32) if levels else None
-    prefill, decode, tokens = [], [], None
-    for _ in range(repeats):
+    def embed(self, tokens):
+        return self.embed_session.run(["inputs_embeds"], {"input_ids": np.asarray(tokens, np.int64)[None], **self.no_img})[0]
+
+    def once(self):
         t = time.perf_counter()
-        logits = sess.prefill(prompt_embeds, pos, deep)
-        prefill.append(time.perf_counter() - t)
+        logits = self.sess.prefill(self.prompt_embeds, self.pos, self.deep)
+        self.prefill.append(time.perf_counter() - t)
         out = [int(np.argmax(logits[0, -1]))]
         t = time.perf_counter()
         for i in range(NEW - 1):
-            step_pos = np.full((3, 1, 1), PROMPT + i, np.int64)
-            logits = sess.step(embed([out[-1]]), step_pos)
+            logits = self.sess.step(self.embed([out[-1]]), np.full((3, 1, 1), PROMPT + i, np.int64))
             out.append(int(np.argmax(logits[0, -1])))
-        decode.append(time.perf_counter() - t)
-        tokens = out
-    return {"prefill_s": float(np.median(prefill)), "decode_tok_s": (NEW - 1) / float(np.median(decode)), "tokens": tokens}
+        self.decode.append(time.perf_counter() - t)
+        self.tokens = out
+
+    def result(self):
+        return {"prefill_s": float(np.median(self.prefill)), "decode_tok_s": (NEW - 1) / float(np.median(self.decode)),
+                "tokens": self.tokens, "prefill_runs": self.prefill, "decode_runs": self.decode}
 
 
 TORCH_SCRIPT = r"""
@@ -146,13 +152,21 @@ def main() -> int:
         notes["genai_build"] = {"wall_s": wall, "peak_rss_bytes": rss}
     embed_session = _session(args.bundle / "embedding.onnx", args.threads)
     ids = np.random.default_rng(0).integers(0, 150000, PROMPT).tolist()
-    results["qwen3vl-compile INT4"] = run_onnx(args.bundle / "decoder.onnx", embed_session, args.threads, spec["head_dim"], ids, args.repeats)
+    paths = {"qwen3vl-compile INT4": args.bundle / "decoder.onnx"}
     for extra in args.extra:
         label, path = extra.split("=", 1)
-        results[label] = run_onnx(Path(path), embed_session, args.threads, spec["head_dim"], ids, args.repeats)
+        paths[label] = Path(path)
     if args.genai:
-        results["onnxruntime-genai builder INT4"] = run_onnx(args.genai / "model.onnx", embed_session, args.threads, spec["head_dim"], ids, args.repeats)
-    del embed_session
+        paths["onnxruntime-genai builder INT4"] = args.genai / "model.onnx"
+    decoders = {k: OnnxDecoder(p, embed_session, args.threads, spec["head_dim"], ids) for k, p in paths.items()}
+    # Round-robin: each repeat runs every decoder once, so background load and turbo
+    # behaviour spread over all of them instead of biasing whichever runs last.
+    for _ in range(args.repeats):
+        for d in decoders.values():
+            d.once()
+    for k, d in decoders.items():
+        results[k] = d.result()
+    del decoders, embed_session
     if args.torch:
         proc = subprocess.run([sys.executable, "-c", TORCH_SCRIPT, source, str(args.threads), str(PROMPT), str(NEW), json.dumps(ids)],
                               capture_output=True, text=True)
