@@ -4,6 +4,9 @@ without it).
 
     with vision_export_patches(visual, grids=[(1, 28, 28)]) as applied:
         torch.onnx.export(...)
+
+    with vision_dynamic_export_patches() as applied:   # grid as a graph input
+        torch.onnx.export(..., dynamic_shapes=...)
 """
 
 from __future__ import annotations
@@ -32,10 +35,33 @@ def vision_patches(visual, grids: Sequence[Sequence[int]]) -> list[Patch]:
     ]
 
 
+def vision_dynamic_patches() -> list[Patch]:
+    """The patches that make the vision tower exportable with its grid as a graph input
+    (the any-size graph): grid tensors computed in the graph, one masked attention call.
+    The rotary embedding is upstream's own (it takes the position ids as a tensor)."""
+    from . import vision_attention_dynamic, vision_forward_dynamic
+
+    return [vision_forward_dynamic.make_patch(), vision_attention_dynamic.make_patch()]
+
+
 @contextlib.contextmanager
 def vision_export_patches(visual, grids: Sequence[Sequence[int]]) -> Iterator[list[str]]:
     with apply_patches(vision_patches(visual, grids)) as names:
         yield names
 
 
-__all__ = ["Patch", "PatchedGrids", "apply_patches", "vision_patches", "vision_export_patches"]
+@contextlib.contextmanager
+def vision_dynamic_export_patches() -> Iterator[list[str]]:
+    with apply_patches(vision_dynamic_patches()) as names:
+        yield names
+
+
+__all__ = [
+    "Patch",
+    "PatchedGrids",
+    "apply_patches",
+    "vision_patches",
+    "vision_export_patches",
+    "vision_dynamic_patches",
+    "vision_dynamic_export_patches",
+]

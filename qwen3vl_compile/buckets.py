@@ -3,6 +3,9 @@
 ``224`` means 224x224; ``448x672`` means height 448, width 672. Each side must be a
 multiple of ``patch_size * spatial_merge_size`` (32 for Qwen3-VL), because the vision
 tower cuts 16-pixel patches and then merges 2x2 patches into one token.
+
+The word ``dynamic`` (at most once) adds the any-size vision graph, whose grid is an input
+(:class:`DynamicVision`), next to the static buckets.
 """
 
 from __future__ import annotations
@@ -60,6 +63,29 @@ class VisionBucket:
         }
 
 
+DYNAMIC = "dynamic"
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicVision:
+    """The any-size vision graph: the grid comes from ``image_grid_thw`` at run time."""
+
+    patch_size: int = 16
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+
+    @property
+    def name(self) -> str:
+        return DYNAMIC
+
+
+def split_buckets(buckets) -> tuple[tuple[VisionBucket, ...], DynamicVision | None]:
+    """The static buckets, and the dynamic graph's entry if one was asked for."""
+    static = tuple(b for b in buckets if isinstance(b, VisionBucket))
+    dynamic = next((b for b in buckets if isinstance(b, DynamicVision)), None)
+    return static, dynamic
+
+
 def _nearest(value: int, factor: int) -> str:
     lo = (value // factor) * factor
     hi = lo + factor
@@ -91,15 +117,30 @@ def parse_bucket(text: str, *, patch_size: int = 16, merge_size: int = 2) -> Vis
     return VisionBucket(h, w, patch_size=patch_size, merge_size=merge_size)
 
 
-def parse_buckets(text: str, *, patch_size: int = 16, merge_size: int = 2) -> tuple[VisionBucket, ...]:
-    """Parse ``"224,448,448x672"``. Duplicates (also ``448`` and ``448x448``) are refused."""
+def parse_buckets(
+    text: str, *, patch_size: int = 16, merge_size: int = 2
+) -> tuple[VisionBucket | DynamicVision, ...]:
+    """Parse ``"224,448,448x672,dynamic"``. Duplicates (also ``448`` and ``448x448``, or
+    ``dynamic`` twice) are refused."""
     parts = [p for p in text.split(",")]
     if not text.strip() or any(not p.strip() for p in parts):
         raise UsageError(f"--buckets {text!r}: give a comma-separated list such as 224,448 (no empty entries)")
-    buckets: list[VisionBucket] = []
+    buckets: list[VisionBucket | DynamicVision] = []
     seen: dict[tuple[int, int], str] = {}
+    dynamic_seen = False
     for part in parts:
-        b = parse_bucket(part, patch_size=patch_size, merge_size=merge_size)
+        if part.strip().lower() == DYNAMIC:
+            if dynamic_seen:
+                raise UsageError(f"--buckets {text!r}: {DYNAMIC!r} is given more than once")
+            dynamic_seen = True
+            buckets.append(DynamicVision(patch_size=patch_size, merge_size=merge_size))
+            continue
+        try:
+            b = parse_bucket(part, patch_size=patch_size, merge_size=merge_size)
+        except UsageError as e:
+            if "is not a size" not in str(e):
+                raise
+            raise UsageError(f"{e.args[0]}; or the word {DYNAMIC!r} for the any-size graph") from None
         key = (b.height, b.width)
         if key in seen:
             raise UsageError(f"--buckets {text!r}: {part.strip()!r} repeats bucket {seen[key]!r}")

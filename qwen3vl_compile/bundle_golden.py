@@ -43,9 +43,10 @@ def check_golden(root: Path, manifest: dict, name: str, *, threads: int = 0) -> 
     if kind == "vision":
         from .export.vision import pixel_values_from_u8
 
-        feats, deep = _session(path, threads).run(
-            ["image_features", "deepstack_features"], {"pixel_values": pixel_values_from_u8(data["pixel_u8"])}
-        )
+        inputs = {"pixel_values": pixel_values_from_u8(data["pixel_u8"])}
+        if graph.get("dynamic"):  # the any-size graph also takes the grid(s) it was checked on
+            inputs["image_grid_thw"] = data["image_grid_thw"].astype(np.int64)
+        feats, deep = _session(path, threads).run(["image_features", "deepstack_features"], inputs)
         outs = [measure("image_features", feats, data["image_features"], tol),
                 measure("deepstack_features", deep, data["deepstack_features"], tol)]
     elif kind == "embedding":

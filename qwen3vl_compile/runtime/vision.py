@@ -1,9 +1,11 @@
 """Serving images: the bucket whose grid equals the image's processed grid runs its ONNX
 graph; other sizes follow the ``on_miss`` policy:
 
-- ``fallback`` (default): the Hugging Face vision tower in PyTorch eager, built from the
-  weights the bundle carries (``vision_fallback.safetensors`` + ``config.json``); torch and
-  transformers are imported only then.
+- ``fallback`` (default): the any-size graph ``vision_dynamic`` when the bundle has one
+  (compiled with ``--buckets ...,dynamic``; ONNX Runtime, grid passed as
+  ``image_grid_thw``); otherwise the Hugging Face vision tower in PyTorch eager, built from
+  the weights the bundle carries (``vision_fallback.safetensors`` + ``config.json``); torch
+  and transformers are imported only then.
 - ``fit``: the caller resizes the image to the nearest bucket's size first (see
   :func:`nearest_bucket`) and says so in its output.
 - ``error``: refuse, listing the buckets.
@@ -45,6 +47,31 @@ def buckets_from_manifest(manifest: dict) -> list[BucketGraph]:
     ]
 
 
+def dynamic_graph_from_manifest(manifest: dict) -> str | None:
+    """The file of the bundle's any-size vision graph, or None."""
+    for g in manifest.get("graphs", {}).values():
+        if g.get("kind") == "vision" and g.get("dynamic"):
+            return g["file"]
+    return None
+
+
+def check_grids(pixel_values: np.ndarray, grid_thw: np.ndarray, merge: int) -> None:
+    """Host-side checks before the any-size graph runs: it cannot tell a grid that does not
+    describe ``pixel_values`` (it would give wrong features, not an error)."""
+    if grid_thw.ndim != 2 or grid_thw.shape[1] != 3 or grid_thw.shape[0] == 0:
+        raise RuntimeInputError(f"image_grid_thw must be [num_images, 3], got shape {list(grid_thw.shape)}")
+    if (grid_thw <= 0).any() or (grid_thw[:, 1:] % merge).any():
+        raise RuntimeInputError(
+            f"image_grid_thw {grid_thw.tolist()}: t, h, w must be positive and h, w multiples of {merge}"
+        )
+    total = int(np.prod(grid_thw, axis=1).sum())
+    if pixel_values.ndim != 2 or pixel_values.shape[0] != total:
+        raise RuntimeInputError(
+            f"pixel_values has shape {list(pixel_values.shape)} but image_grid_thw {grid_thw.tolist()} "
+            f"describes {total} patches"
+        )
+
+
 def nearest_bucket(buckets: list[BucketGraph], height: int, width: int) -> BucketGraph:
     """The bucket closest to the image in log-scale height and width (aspect first, then size)."""
     if not buckets:
@@ -70,6 +97,8 @@ class VisionEncoder:
         self._session_factory = session_factory
         self._sessions: dict[str, object] = {}
         self._fallback = None
+        self.dynamic_file = dynamic_graph_from_manifest(manifest)
+        self.merge = int((manifest.get("processor") or {}).get("merge_size", 2))
 
     def bucket_for_grid(self, grid_thw) -> BucketGraph | None:
         return self._by_grid.get(tuple(int(v) for v in grid_thw))
@@ -83,9 +112,7 @@ class VisionEncoder:
         t = time.perf_counter()
         bucket = self.bucket_for_grid(grid_thw)
         if bucket is not None:
-            if bucket.file not in self._sessions:
-                self._sessions[bucket.file] = self._session_factory(self.root / bucket.file)
-            feats, deep = self._sessions[bucket.file].run(
+            feats, deep = self._session(bucket.file).run(
                 ["image_features", "deepstack_features"], {"pixel_values": pixel_values}
             )
             return VisionResult(feats, deep, f"bucket {bucket.name}", time.perf_counter() - t)
@@ -94,8 +121,31 @@ class VisionEncoder:
                 f"image grid {list(grid_thw)} has no bucket (buckets: {self.describe_buckets()}); "
                 "use --on-miss fallback or fit"
             )
+        if self.dynamic_file is not None:
+            return self.encode_dynamic(pixel_values, [grid_thw])
         feats, deep = self._fallback_model().run(pixel_values, grid_thw)
         return VisionResult(feats, deep, "fallback (PyTorch eager)", time.perf_counter() - t)
+
+    def encode_dynamic(self, pixel_values: np.ndarray, grids) -> VisionResult:
+        """Several images (packed as the processor packs them) in one call of the any-size
+        graph; features come back packed in the same order."""
+        import time
+
+        if self.dynamic_file is None:
+            raise BundleError(f"{self.root}: the bundle has no any-size vision graph (compile with --buckets ...,dynamic)")
+        t = time.perf_counter()
+        grid_thw = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
+        check_grids(pixel_values, grid_thw, self.merge)
+        feats, deep = self._session(self.dynamic_file).run(
+            ["image_features", "deepstack_features"],
+            {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32), "image_grid_thw": grid_thw},
+        )
+        return VisionResult(feats, deep, "dynamic graph", time.perf_counter() - t)
+
+    def _session(self, file: str):
+        if file not in self._sessions:
+            self._sessions[file] = self._session_factory(self.root / file)
+        return self._sessions[file]
 
     def _fallback_model(self):
         if self._fallback is None:

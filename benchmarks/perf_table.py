@@ -1,0 +1,69 @@
+"""The issue-6 performance table, assembled from the results the benchmark scripts wrote
+(``benchmarks/results/*.json``) and a compiled 4B bundle's manifest (compile time, peak RSS,
+sizes). It runs nothing itself: rerun the scripts named in each row to refresh it.
+
+    python benchmarks/perf_table.py --bundle /work/bench/4b-int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, table  # noqa: E402
+
+
+def load(name):
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bundle", type=Path, default=None, help="compiled qwen3-vl-4b INT4 bundle (for compile/size rows)")
+    args = ap.parse_args()
+    rows = []
+    for bucket in ("448", "896"):
+        v = load(f"vision_qwen3-vl-4b_{bucket}")
+        if v:
+            rows.append([f"vision {bucket} bucket fp32 (vision_bench.py)", f"eager {v['eager_s']:.2f} s",
+                         f"{v['ort_compiled_s']:.2f} s = {v['ort_compiled_s'] / v['eager_s']:.2f}x eager", "<= 0.6x eager"])
+    d = load("decoder_4b")
+    if d:
+        r = d["results"]
+        g, o = r["onnxruntime-genai builder INT4"], r["qwen3vl-compile INT4"]
+        b = r.get("qwen3vl-compile INT4 --block-size 128")
+        rows.append(["prefill 300 tokens INT4 (decoder_bench.py)", f"genai {g['prefill_s']:.2f} s",
+                     f"{o['prefill_s']:.2f} s = {g['prefill_s'] / o['prefill_s']:.2f}x"
+                     + (f"; block 128: {b['prefill_s']:.2f} s = {g['prefill_s'] / b['prefill_s']:.2f}x" if b else ""), ">= 1.5x genai"])
+        rows.append(["decode 128 greedy tokens INT4 (decoder_bench.py)", f"genai {g['decode_tok_s']:.2f} tok/s",
+                     f"{o['decode_tok_s']:.2f} tok/s = {o['decode_tok_s'] / g['decode_tok_s']:.2f}x"
+                     + (f"; block 128: {b['decode_tok_s']:.2f} = {b['decode_tok_s'] / g['decode_tok_s']:.2f}x" if b else ""), ">= 1.1x genai"])
+        bw = d["notes"]["bandwidth"]
+        rows.append(["memory-bandwidth floor (decoder_bench.py)", f"{bw['decoder_weight_bytes'] / 1e9:.2f} GB / {bw['bytes_per_s'] / 1e9:.1f} GB/s",
+                     f"floor {bw['floor_tok_s']:.1f} tok/s; achieved {100 * o['decode_tok_s'] / bw['floor_tok_s']:.0f}%", "report"])
+    e = load("e2e_4b")
+    if e:
+        def med(k):
+            return statistics.median(run["timings"][k] for run in e["runs"])
+        rows.append(["end to end, 448 image + 20 words, 64 tokens (e2e_bench.py)", "-",
+                     f"vision {med('vision_s'):.2f} s, TTFT {med('time_to_first_token_s'):.2f} s, decode {med('decode_tokens_per_s'):.1f} tok/s, "
+                     f"total {med('total_s'):.1f} s, RSS {e['peak_rss_bytes'] / 2**30:.1f} GiB", "report"])
+    if args.bundle:
+        m = json.loads((args.bundle / "manifest.json").read_text())
+        wall = sum(m["timings"].values())
+        rows.append(["compile: buckets " + ",".join(b["name"] for b in m["buckets"]) + " + embedding + INT4 decoder, verified",
+                     "genai builder: 2:52, 22.7 GiB", f"{wall / 60:.1f} min of stages, peak RSS {m['peak_rss_bytes'] / 2**30:.1f} GiB",
+                     "<= 20 min, <= 16 GB"])
+        size = sum(m["files"][f]["bytes"] for k in ("decoder", "embedding") for f in [m["graphs"][k]["file"], *m["graphs"][k]["data_files"]])
+        rows.append(["bundle size, decoder + embedding", "genai decoder 2.65 GB", f"{size / 1e9:.2f} GB", "<= 2.6 GB"])
+    print(table(rows, ["what", "baseline", "qwen3vl-compile", "target"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

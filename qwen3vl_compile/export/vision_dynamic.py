@@ -1,0 +1,210 @@
+"""The any-size vision graph, ``vision_dynamic.onnx``: the image grid is a run-time input.
+
+Inputs ``pixel_values [num_patches, C*T*P*P]`` float32 and ``image_grid_thw [num_images, 3]``
+int64 (several images of different sizes packed one after the other, as the Hugging Face
+processor packs them); outputs ``image_features [num_patches/4, out_hidden]`` and
+``deepstack_features [K, num_patches/4, out_hidden]``, as the bucket graphs.
+
+Every grid-dependent tensor (position-table interpolation taps and weights, rotary
+(row, col) ids, the block-diagonal attention mask between images) is computed inside the
+graph from ``image_grid_thw`` and the row count (see ``qwen3vl_compile.patches``'s dynamic
+set), so callers pass nothing but the processor's two arrays. Exported with torch.onnx
+(dynamo) and named dynamic dimensions, cleaned by the vision pass list, verified against
+the *unpatched* tower on grids that were not the export's example grids.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ExportError
+from ..verify import TOLERANCES, GraphParity, measure
+from .vision import EXTERNAL_DATA_THRESHOLD, OUTPUT_NAMES, pixel_values_from_u8, quiet_exporter, split_outputs
+
+GRAPH_NAME = "vision_dynamic"
+INPUT_NAMES = ["pixel_values", "image_grid_thw"]
+# The graph interface, described once: axis names are the ONNX symbolic dimensions.
+DYNAMIC_AXES = {"pixel_values": {0: "num_patches"}, "image_grid_thw": {0: "num_images"}}
+# Example inputs traced at export: two non-square images of different sizes, so nothing
+# specialises on one image, on h == w or on one size. Parity grids must differ from these.
+EXPORT_GRIDS = ((1, 12, 10), (1, 4, 8))
+# Parity grids (t, h, w) in patches, none of them seen at export; h and w are even.
+PARITY_GRIDS = ((1, 8, 12), (1, 20, 14), (1, 16, 36), (1, 30, 30), (1, 6, 6))
+MULTI_IMAGE = ((1, 8, 12), (1, 20, 14), (1, 6, 6))
+
+
+def random_pixel_u8(grids, patch_dim: int, seed: int) -> np.ndarray:
+    n = sum(t * h * w for t, h, w in grids)
+    return np.random.default_rng(seed).integers(0, 256, size=(n, patch_dim), dtype=np.uint8)
+
+
+def _dynamic_module(visual):
+    import torch
+
+    class VisionDynamicModule(torch.nn.Module):
+        """The vision tower with its grid as an input; DeepStack levels stacked on axis 0."""
+
+        def __init__(self):
+            super().__init__()
+            self.visual = visual
+
+        def forward(self, pixel_values, image_grid_thw):
+            out = self.visual(pixel_values, grid_thw=image_grid_thw)
+            return out.pooler_output, torch.stack(list(out.deepstack_features), dim=0)
+
+    return VisionDynamicModule().eval()
+
+
+def _dynamic_shapes():
+    from torch.export import Dim
+
+    # num_patches is a multiple of 4 (2x2 merge); torch.export records that guard itself.
+    dims = {"num_patches": Dim("num_patches", min=4), "num_images": Dim("num_images", min=1)}
+    return {name: {axis: dims[label] for axis, label in axes.items()} for name, axes in DYNAMIC_AXES.items()}
+
+
+def export_vision_dynamic(visual, out_dir: Path, *, passes=None) -> dict:
+    """Export, run the vision passes, save ``vision_dynamic.onnx``; return a report dict."""
+    import onnx_ir as ir
+    import torch
+
+    from qwen3vl_compile.passes import vision_passes
+    from qwen3vl_compile.passes.base import run_passes
+    from qwen3vl_compile.patches import vision_dynamic_export_patches
+
+    patch_dim = visual.patch_embed.proj.weight[0].numel()
+    example = (
+        torch.from_numpy(pixel_values_from_u8(random_pixel_u8(EXPORT_GRIDS, patch_dim, seed=0))),
+        torch.tensor(EXPORT_GRIDS, dtype=torch.int64),
+    )
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        with quiet_exporter(log), vision_dynamic_export_patches() as patch_names:
+            program = torch.onnx.export(
+                _dynamic_module(visual),
+                example,
+                dynamo=True,
+                input_names=INPUT_NAMES,
+                output_names=OUTPUT_NAMES,
+                dynamic_shapes=_dynamic_shapes(),
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as e:  # noqa: BLE001 - typed, with the exporter's log tail
+        tail = "\n".join(log.getvalue().strip().splitlines()[-5:])
+        raise ExportError(f"{GRAPH_NAME}: torch.onnx.export failed: {type(e).__name__}: {e}\n{tail}") from e
+    export_seconds = time.perf_counter() - t0
+    model = program.model
+    model.graph.name = GRAPH_NAME
+    _check_interface(model)
+    model, reports = run_passes(model, vision_passes() if passes is None else passes, graph=GRAPH_NAME)
+    path = out_dir / f"{GRAPH_NAME}.onnx"
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    data_files = []
+    if size > EXTERNAL_DATA_THRESHOLD:
+        ir.save(model, path, external_data=f"{GRAPH_NAME}.onnx.data")
+        data_files.append(f"{GRAPH_NAME}.onnx.data")
+    else:
+        ir.save(model, path)
+    out_hidden = visual.config.out_hidden_size
+    return {
+        "file": path.name,
+        "data_files": data_files,
+        "kind": "vision",
+        "precision": "fp32",
+        "dynamic": True,
+        "inputs": [
+            {"name": "pixel_values", "dtype": "float32", "shape": ["num_patches", patch_dim]},
+            {"name": "image_grid_thw", "dtype": "int64", "shape": ["num_images", 3]},
+        ],
+        "outputs": [
+            {"name": "image_features", "dtype": "float32", "shape": ["num_patches/4", out_hidden]},
+            {
+                "name": "deepstack_features",
+                "dtype": "float32",
+                "shape": [len(visual.deepstack_visual_indexes), "num_patches/4", out_hidden],
+            },
+        ],
+        "export": {
+            "exporter": f"torch.onnx.export(dynamo=True, dynamic_shapes) torch {torch.__version__}",
+            "example_grids": [list(g) for g in EXPORT_GRIDS],
+            "seconds": round(export_seconds, 2),
+        },
+        "patches": patch_names,
+        "passes": reports,
+    }
+
+
+def _check_interface(model) -> None:
+    """The exported inputs must keep their named dynamic axes: a graph that specialised on
+    the example's sizes would run only on them."""
+    for value in model.graph.inputs:
+        for axis, label in DYNAMIC_AXES.get(value.name, {}).items():
+            dim = value.shape[axis] if value.shape is not None else None
+            if getattr(dim, "value", None) == label:  # an onnx_ir SymbolicDim with our name
+                continue
+            raise ExportError(f"{GRAPH_NAME}: input {value.name!r} axis {axis} is {dim!r}, expected the dynamic {label!r}")
+
+
+def reference_outputs(visual, pixel_values: np.ndarray, grids) -> dict[str, np.ndarray]:
+    """The unpatched Hugging Face vision tower, fp32, on all ``grids`` in one call."""
+    import torch
+
+    with torch.no_grad():
+        out = visual(torch.from_numpy(pixel_values), grid_thw=torch.tensor([list(g) for g in grids], dtype=torch.int64))
+    return split_outputs(out.pooler_output.numpy(), torch.stack(list(out.deepstack_features)).numpy())
+
+
+def case_name(grids) -> str:
+    sizes = "+".join(f"{h}x{w}" if t == 1 else f"{t}x{h}x{w}" for t, h, w in grids)
+    return f"grid {sizes}" if len(grids) == 1 else f"{len(grids)} images {sizes}"
+
+
+def verify_vision_dynamic(
+    onnx_path: Path,
+    visual,
+    *,
+    grids=PARITY_GRIDS,
+    multi_image=MULTI_IMAGE,
+    seed: int = 1,
+    threads: int = 0,
+) -> GraphParity:
+    """Run ONNX Runtime and the unpatched tower on each grid in ``grids`` (one image per
+    call) and on ``multi_image`` (all in one call); measure every output. The multi-image
+    case is kept as the bundle's golden."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    tol = TOLERANCES[("vision", "fp32")]
+    patch_dim = visual.patch_embed.proj.weight[0].numel()
+    cases, golden = {}, {}
+    for case in [*([g] for g in grids), *([list(multi_image)] if multi_image else [])]:
+        u8 = random_pixel_u8(case, patch_dim, seed)
+        x = pixel_values_from_u8(u8)
+        thw = np.array(case, dtype=np.int64)
+        feats, deep = session.run(OUTPUT_NAMES, {"pixel_values": x, "image_grid_thw": thw})
+        actual = split_outputs(feats, deep)
+        ref = reference_outputs(visual, x, case)
+        cases[case_name(case)] = [measure(k, actual.get(k), ref[k], tol) for k in ref]
+        golden = {
+            "pixel_u8": u8,
+            "image_grid_thw": thw,
+            "image_features": ref["image_features"],
+            "deepstack_features": np.stack([ref[k] for k in sorted(ref) if k.startswith("deepstack_")]),
+        }
+    return GraphParity(
+        graph=GRAPH_NAME,
+        kind="vision",
+        precision="fp32",
+        reference="unpatched transformers Qwen3VLVisionModel, fp32, grids not seen at export (one call per case)",
+        cases=cases,
+        golden=golden,
+    )
