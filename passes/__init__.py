@@ -18,3 +18,14 @@ def decoder_passes(spec):
     from .insert_deepstack import InsertDeepStackPass
 
     return (InsertDeepStackPass(spec.deepstack_levels, spec.hidden),)
+
+
+def genai_passes(pairs: dict):
+    """Passes that turn a verified graph into its onnxruntime-genai twin (wide-channel
+    DeepStack). ``pairs``: {"inputs"/"outputs": {packed name: [features, deepstack]}}."""
+    from .pack_deepstack import PackDeepStackOutputsPass
+    from .unpack_deepstack import UnpackDeepStackInputsPass
+
+    unpack = [UnpackDeepStackInputsPass(f, d, packed) for packed, (f, d) in pairs.get("inputs", {}).items()]
+    pack = [PackDeepStackOutputsPass(f, d, packed) for packed, (f, d) in pairs.get("outputs", {}).items()]
+    return (*unpack, *pack)

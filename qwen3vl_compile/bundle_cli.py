@@ -51,6 +51,9 @@ def inspect(root: Path) -> int:
         else:
             verdict = "not verified"
         passes = ", ".join(p["pass"] + ("*" if p["modified"] else "") for p in g.get("passes", []))
+        if g.get("source_graph") and g.get("data_files"):  # an onnxruntime-genai wrapper reading its source's data
+            size = m["files"].get(g["file"], {}).get("bytes", 0)
+            verdict += f"; external weights shared with {g['source_graph']}"
         print(f"  {name:<18} {g['kind']:<9} {g['precision']:<5} {_fmt_bytes(size):>9}  {verdict}")
         print(f"  {'':<18} passes: {passes}  (* = changed the graph)")
     total = sum(f["bytes"] for f in m.get("files", {}).values())

@@ -40,26 +40,30 @@ def check_golden(root: Path, manifest: dict, name: str, *, threads: int = 0) -> 
     tol = float(entry["tolerance_max_rel"])
     path = root / graph["file"]
     kind = graph["kind"]
+    packing = graph.get("deepstack_packing")
     if kind == "vision":
         from .export.vision import pixel_values_from_u8
 
         inputs = {"pixel_values": pixel_values_from_u8(data["pixel_u8"])}
         if graph.get("dynamic"):  # the any-size graph also takes the grid(s) it was checked on
             inputs["image_grid_thw"] = data["image_grid_thw"].astype(np.int64)
-        feats, deep = _session(path, threads).run(["image_features", "deepstack_features"], inputs)
+        feats, deep = _run(_session(path, threads), ["image_features", "deepstack_features"], inputs, packing)
         outs = [measure("image_features", feats, data["image_features"], tol),
                 measure("deepstack_features", deep, data["deepstack_features"], tol)]
     elif kind == "embedding":
-        embeds, deep = _session(path, threads).run(
+        embeds, deep = _run(
+            _session(path, threads),
             ["inputs_embeds", "deepstack_embeds"],
             {k: data[k] for k in ("input_ids", "image_features", "deepstack_features")},
+            packing,
         )
         outs = [measure("inputs_embeds", embeds, data["inputs_embeds"], tol),
                 measure("deepstack_embeds", deep, data["deepstack_embeds"], tol)]
     elif kind == "decoder":
         from .runtime.decoder_session import DecoderSession
 
-        s = DecoderSession(path, max_length=256, session=_session(path, threads))
+        s = DecoderSession(path, max_length=256, session=_session(path, threads),
+                           packed_levels=packing["levels"] if packing else 0)
         logits = [s.run(data["prefill_embeds"], data["prefill_positions"], data["prefill_deepstack"])[0, -1]]
         for e, p in zip(data["step_embeds"], data["step_positions"]):
             logits.append(s.run(e, p)[0, -1])
@@ -67,3 +71,22 @@ def check_golden(root: Path, manifest: dict, name: str, *, threads: int = 0) -> 
     else:
         raise ValueError(f"unknown graph kind {kind!r}")
     return GraphParity(name, kind, graph["precision"], manifest["parity"][name]["reference"], {"golden": outs})
+
+
+def _run(session, names: list[str], feeds: dict, packing: dict | None) -> list:
+    """``session.run`` in the unpacked interface. A graph with ``deepstack_packing`` (the
+    onnxruntime-genai wrappers) takes each (features, deepstack) input pair as one wide
+    input and returns each such output pair as one wide output: pack, run, unpack."""
+    if not packing:
+        return session.run(names, feeds)
+    from .packing import pack, unpack
+
+    feeds = dict(feeds)
+    for packed, (features, deepstack) in packing.get("inputs", {}).items():
+        feeds[packed] = pack(feeds.pop(features), feeds.pop(deepstack))
+    wide = {packed: pair for packed, pair in packing.get("outputs", {}).items()}
+    run_names = [n for n in names if not any(n in pair for pair in wide.values())] + list(wide)
+    results = dict(zip(run_names, session.run(run_names, feeds)))
+    for packed, (features, deepstack) in wide.items():
+        results[features], results[deepstack] = unpack(results.pop(packed), packing["levels"])
+    return [results[n] for n in names]

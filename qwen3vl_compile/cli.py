@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from .buckets import parse_buckets
-from .config import GRAPH_KINDS, PRECISIONS, CompileConfig
+from .buckets import DYNAMIC
+from .config import GRAPH_KINDS, PRECISIONS, TARGETS, CompileConfig
 from .errors import Qwen3VLCompileError
 
 
@@ -33,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="token embedding table: the checkpoint's dtype (auto: bf16 stays bf16, exact), fp32, or "
                         "int4 (reuses the INT4 lm_head's bytes: no extra size, quantized embeddings)")
     p.add_argument("--graphs", default=",".join(GRAPH_KINDS), help="which graphs to build (default: all)")
+    p.add_argument("--target", default="onnx", choices=TARGETS,
+                   help="onnx (default): the bundle for qwen3vl-run; ort-genai: also genai_config.json, "
+                        "processor_config.json and genai_*.onnx graphs that onnxruntime-genai loads, DeepStack "
+                        "included (adds the 'dynamic' vision graph when --buckets lacks it)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity gate (figures are then not measured)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--threads", type=int, default=0, help="threads for PyTorch and ONNX Runtime (0: library default)")
@@ -51,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         return bundle_cli.main(argv)
     args = _parser().parse_args(argv)
     try:
+        buckets = args.buckets
+        if args.target == "ort-genai" and DYNAMIC not in [b.strip().lower() for b in buckets.split(",")]:
+            # onnxruntime-genai sends every image size to one vision graph.
+            buckets = f"{buckets},{DYNAMIC}"
         cfg = CompileConfig(
             model=args.model,
             output=args.output,
-            buckets=parse_buckets(args.buckets),
+            buckets=parse_buckets(buckets),
             precision=args.precision,
             block_size=args.block_size,
             accuracy_level=args.accuracy_level,
@@ -63,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             logits=args.logits,
             embedding_precision=args.embedding_precision,
             graphs=tuple(g.strip() for g in args.graphs.split(",") if g.strip()),
+            target=args.target,
             verify=not args.no_verify,
             force=args.force,
             threads=args.threads,

@@ -72,6 +72,8 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
         for kind in order:
             if kind in cfg.graphs:
                 failures += (_embedding if kind == "embedding" else _decoder)(ck, cfg, staging, manifest, progress)
+        if cfg.target == "ort-genai":
+            failures += _genai(ck, cfg, staging, manifest, progress)
         if failures:
             raise VerifyError("parity check failed (no bundle written; use --no-verify to keep it anyway)", failures)
         with progress.stage("write"):
@@ -179,6 +181,31 @@ def _decoder(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, 
         parity = verify_decoder(path, ck, cfg.precision, threads=cfg.threads)
     _record_parity(manifest, staging, name, parity)
     return parity.failures()
+
+
+def _genai(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
+    """``--target ort-genai``: wide-channel wrappers of the verified graphs plus
+    genai_config.json / processor_config.json; each wrapper rerun on its source's golden."""
+    from .export.genai import GENAI_CONFIG, GENAI_MODEL_TYPE, PROCESSOR_CONFIG, build_genai_graphs, verify_genai_graph, write_genai_configs
+
+    with progress.stage("build onnxruntime-genai graphs"):
+        entries = build_genai_graphs(staging, manifest)
+        write_genai_configs(staging, ck, manifest)
+    manifest["graphs"].update(entries)
+    manifest["genai"] = {"model_type": GENAI_MODEL_TYPE, "config": GENAI_CONFIG, "processor_config": PROCESSOR_CONFIG,
+                         "graphs": list(entries), "deepstack_layout": "wide channels: hidden_size = H * (1 + K)"}
+    if not cfg.verify:
+        return []
+    failures = []
+    for name, entry in entries.items():
+        with progress.stage(f"verify {name}"):
+            parity, golden = verify_genai_graph(staging, manifest, name, entry, threads=cfg.threads)
+        record = parity.to_json()
+        record["reference"] = f"{parity.reference}; {entry['source_graph']}'s golden input, DeepStack packed into channels"
+        record["golden"] = golden
+        manifest["parity"][name] = record
+        failures += parity.failures()
+    return failures
 
 
 def _record_parity(manifest: dict, staging: Path, name: str, parity) -> None:

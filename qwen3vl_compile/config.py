@@ -10,6 +10,8 @@ from .errors import UsageError
 
 PRECISIONS = ("fp32", "fp16", "int4")
 GRAPH_KINDS = ("vision", "embedding", "decoder")
+# onnx: the bundle for qwen3vl-run / Pipeline; ort-genai: also loadable by onnxruntime-genai.
+TARGETS = ("onnx", "ort-genai")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +27,7 @@ class CompileConfig:
     logits: str = "last"
     embedding_precision: str = "auto"
     graphs: tuple[str, ...] = GRAPH_KINDS
+    target: str = "onnx"
     verify: bool = True
     force: bool = False
     threads: int = 0
@@ -57,6 +60,15 @@ class CompileConfig:
             raise UsageError(f"--logits {self.logits!r}: choose last or all")
         if "vision" in self.graphs and not self.buckets:
             raise UsageError("--buckets: at least one bucket is needed to build vision graphs")
+        if self.target not in TARGETS:
+            raise UsageError(f"--target {self.target!r}: choose one of {', '.join(TARGETS)}")
+        if self.target == "ort-genai":
+            from .buckets import split_buckets
+
+            if set(self.graphs) != set(GRAPH_KINDS):
+                raise UsageError("--target ort-genai needs every graph (vision, embedding, decoder): drop --graphs")
+            if split_buckets(self.buckets)[1] is None:
+                raise UsageError("--target ort-genai needs the any-size vision graph: add 'dynamic' to --buckets")
 
     def options_json(self) -> dict:
         return {
@@ -68,6 +80,7 @@ class CompileConfig:
             "logits": self.logits,
             "embedding_precision": self.embedding_precision,
             "graphs": list(self.graphs),
+            "target": self.target,
             "buckets": [b.name for b in self.buckets],
             "verify": self.verify,
             "threads": self.threads,

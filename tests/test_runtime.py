@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from qwen3vl_compile import Pipeline
@@ -41,40 +40,6 @@ def images(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def hf(tiny_checkpoint, tiny_path):
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
-    model = tiny_checkpoint.load_full_model()
-    values = json.loads((tiny_path / "preprocessor_config.json").read_text())
-    proc = Qwen2VLImageProcessorPil(**{k: v for k, v in values.items() if k not in ("image_processor_type", "processor_class")})
-    return model, proc, AutoTokenizer.from_pretrained(tiny_path)
-
-
-def hf_generate(hf, image_paths, prompt, max_new_tokens=NEW_TOKENS):
-    model, proc, tok = hf
-    imgs = [Image.open(p).convert("RGB") for p in image_paths]
-    content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": prompt}]
-    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-    kwargs = {}
-    if imgs:
-        px = proc(images=imgs, return_tensors="pt")
-        counts = (px["image_grid_thw"].prod(-1) // 4).tolist()
-        parts = text.split("<|image_pad|>")
-        text = parts[0] + "".join("<|image_pad|>" * n + p for n, p in zip(counts, parts[1:]))
-        kwargs = dict(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    kwargs["mm_token_type_ids"] = (ids == 151655).int()
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
-    gen = out[0, ids.shape[1]:].tolist()
-    stops = {151645, 151643}
-    for i, t in enumerate(gen):
-        if t in stops:
-            return gen[:i]
-    return gen
-
-
 CASES = {
     "bucket": (["sq448"], "Describe this image.", "bucket 448"),
     "fallback": (["odd"], "What do you see?", "fallback (PyTorch eager)"),
@@ -85,10 +50,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_greedy_tokens_equal_hf_generate(pipe, hf, images, case):
+def test_greedy_tokens_equal_hf_generate(pipe, hf_generate, images, case):
     names, prompt, served = CASES[case]
     paths = [images[n] for n in names]
-    ref = hf_generate(hf, paths, prompt)
+    ref = hf_generate(paths, prompt, NEW_TOKENS)
     result = pipe.generate(images=paths, prompt=prompt, max_new_tokens=NEW_TOKENS)
     assert len(ref) >= NEW_TOKENS, "reference stopped early: pick another prompt"
     assert result.token_ids == ref

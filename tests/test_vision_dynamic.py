@@ -26,11 +26,10 @@ ALL_OUTPUTS = {"image_features", "deepstack_0", "deepstack_1", "deepstack_2"}
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dyn") / "bundle"
-    rc = compile_main(["--model", "tiny", "--buckets", "448,dynamic", "--precision", "fp32", "-o", str(out), "-q"])
-    assert rc == 0
-    return out
+def bundle(genai_bundle):
+    # --buckets 448 --target ort-genai: the any-size graph plus onnxruntime-genai's packed
+    # wrappers, which the runtime must not mistake for its own dynamic graph.
+    return genai_bundle
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ DEFAULT_MAX_LENGTH = 4096
 
 
 class DecoderSession:
-    def __init__(self, path, *, max_length: int | None = None, threads: int = 0, session=None, head_dim: int | None = None):
+    def __init__(self, path, *, max_length: int | None = None, threads: int = 0, session=None, head_dim: int | None = None,
+                 packed_levels: int = 0):
         import onnxruntime as ort
 
         if session is None:
@@ -52,9 +53,13 @@ class DecoderSession:
         self.head_dim = int(kv.shape[3]) if isinstance(kv.shape[3], int) else head_dim
         if self.head_dim is None:
             raise RuntimeInputError(f"{path}: the KV cache's head dimension is symbolic ({kv.shape[3]!r}); pass head_dim")
-        self.hidden = int(inputs["inputs_embeds"].shape[2])
-        self.has_deepstack = "deepstack_embeds" in inputs
-        self.levels = int(inputs["deepstack_embeds"].shape[0]) if self.has_deepstack else 0
+        # packed_levels: an onnxruntime-genai wrapper (genai_decoder.onnx) takes the K DeepStack
+        # levels in channels after the first H of inputs_embeds; the caller's interface is
+        # unchanged (run() packs).
+        self.packed = packed_levels > 0 and "deepstack_embeds" not in inputs
+        self.hidden = int(inputs["inputs_embeds"].shape[2]) // (1 + (packed_levels if self.packed else 0))
+        self.has_deepstack = self.packed or "deepstack_embeds" in inputs
+        self.levels = packed_levels if self.packed else (int(inputs["deepstack_embeds"].shape[0]) if self.has_deepstack else 0)
         meta = session.get_modelmeta().custom_metadata_map
         # Rows of the rotary tables: a position at or past it is refused by MRotaryEmbedding.
         self.context_length = int(meta[META_PREFIX + "context_length"]) if META_PREFIX + "context_length" in meta else None
@@ -108,7 +113,6 @@ class DecoderSession:
                 f"position {int(positions.max())} is beyond the decoder's rotary table of {self.context_length} positions"
             )
         binding = self._binding
-        binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("attention_mask", np.ones((1, self.length + s), np.int64))
         binding.bind_cpu_input("position_ids", positions)
         if self.has_deepstack:
@@ -120,7 +124,13 @@ class DecoderSession:
                     raise RuntimeInputError(
                         f"deepstack_embeds must be [{self.levels}, 1, {s}, {self.hidden}], got {list(deep.shape)}"
                     )
-            binding.bind_cpu_input("deepstack_embeds", deep)
+            if self.packed:
+                from ..packing import pack
+
+                embeds = pack(embeds, np.broadcast_to(deep, (self.levels, *embeds.shape)))
+            else:
+                binding.bind_cpu_input("deepstack_embeds", deep)
+        binding.bind_cpu_input("inputs_embeds", embeds)
         # Rebound every call: ORT would otherwise try to reuse last call's logits buffer, whose
         # shape differs between a prompt and a decode step.
         binding.bind_output("logits")

@@ -50,7 +50,8 @@ def buckets_from_manifest(manifest: dict) -> list[BucketGraph]:
 def dynamic_graph_from_manifest(manifest: dict) -> str | None:
     """The file of the bundle's any-size vision graph, or None."""
     for g in manifest.get("graphs", {}).values():
-        if g.get("kind") == "vision" and g.get("dynamic"):
+        # genai_vision.onnx is dynamic too, but packs DeepStack for onnxruntime-genai.
+        if g.get("kind") == "vision" and g.get("dynamic") and not g.get("deepstack_packing"):
             return g["file"]
     return None
 

@@ -1,0 +1,240 @@
+"""The onnxruntime-genai target (``--target ort-genai``): the bundle also loads with
+``onnxruntime_genai.Model(OUT)`` and its ``MultiModalProcessor``, DeepStack included.
+
+onnxruntime-genai's ``qwen3_vl`` runtime runs three sessions and passes one tensor between
+each: vision (``pixel_values``, ``image_grid_thw`` -> ``image_features``), embedding
+(``input_ids``, ``image_features`` -> ``inputs_embeds``), decoder (``inputs_embeds``,
+``attention_mask``, ``position_ids [3, B, S]``, KV cache). It knows nothing of DeepStack.
+The levels ride along in extra channels (REFERENCE section 6): ``genai_config.json``
+declares ``decoder.hidden_size = H * (1 + K)``, and three thin graphs wrap the verified ones:
+
+=====================  =======================  =========================================
+graph                  made from                passes
+=====================  =======================  =========================================
+genai_vision.onnx      vision_dynamic.onnx      PackDeepStackOutputsPass (features + levels)
+genai_embedding.onnx   embedding.onnx           UnpackDeepStackInputsPass, PackDeepStackOutputsPass
+genai_decoder.onnx     decoder.onnx             UnpackDeepStackInputsPass
+=====================  =======================  =========================================
+
+The wrappers keep their weights where the source graphs keep them: an initializer stored as
+external data stays a reference into the same ``.onnx.data`` file (onnx-ir saves external
+tensors as references), so the INT4 decoder is not stored twice.
+
+Each wrapper is checked like every other graph: it is run on its source graph's golden input
+(packed on the host) and compared, unpacked, with the PyTorch reference recorded for it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+
+from ..errors import ExportError
+
+TARGETS = ("onnx", "ort-genai")
+GENAI_CONFIG = "genai_config.json"
+PROCESSOR_CONFIG = "processor_config.json"
+# onnxruntime-genai's model type for Qwen3-VL (its builder writes "qwen3vl", which its
+# runtime rejects: REFERENCE section 6).
+GENAI_MODEL_TYPE = "qwen3_vl"
+
+
+def _pairs(kind: str) -> dict:
+    """Which (features, deepstack) pair each packed name carries, per side of the graph."""
+    if kind == "vision":
+        return {"outputs": {"image_features": ["image_features", "deepstack_features"]}}
+    if kind == "embedding":
+        return {
+            "inputs": {"image_features": ["image_features", "deepstack_features"]},
+            "outputs": {"inputs_embeds": ["inputs_embeds", "deepstack_embeds"]},
+        }
+    return {"inputs": {"inputs_embeds": ["inputs_embeds", "deepstack_embeds"]}}
+
+
+def _passes(kind: str):
+    from qwen3vl_compile.passes import genai_passes
+
+    return genai_passes(_pairs(kind))
+
+
+def _source_graphs(manifest: dict) -> dict[str, str]:
+    """genai graph name -> the bundle graph it wraps; refuses a bundle without them."""
+    graphs = manifest["graphs"]
+    dynamic = next((n for n, g in graphs.items() if g.get("kind") == "vision" and g.get("dynamic")), None)
+    missing = [w for w, n in (("the any-size vision graph (--buckets ...,dynamic)", dynamic),
+                              ("embedding", "embedding" in graphs or None), ("decoder", "decoder" in graphs or None)) if not n]
+    if missing:
+        raise ExportError(f"--target ort-genai needs {', '.join(missing)}")
+    return {"genai_vision": dynamic, "genai_embedding": "embedding", "genai_decoder": "decoder"}
+
+
+def _interface(model: ir.Model) -> dict:
+    def describe(values):
+        return [{"name": v.name, "dtype": str(v.dtype).lower().replace("datatype.", "") if v.dtype else None,
+                 "shape": [d if isinstance(d, int) else str(d) for d in v.shape] if v.shape is not None else None}
+                for v in values]
+
+    return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}
+
+
+def build_genai_graphs(staging: Path, manifest: dict) -> dict[str, dict]:
+    """Write the three ``genai_*.onnx`` wrappers next to their sources; return their manifest
+    entries (not yet recorded in ``manifest``)."""
+    from qwen3vl_compile.passes.base import run_passes
+    from qwen3vl_compile.passes.check_model import check_model_file
+
+    entries = {}
+    levels = manifest["graphs"]["decoder"]["spec"]["deepstack_levels"]
+    for name, source in _source_graphs(manifest).items():
+        src = manifest["graphs"][source]
+        kind = src["kind"]
+        model = ir.load(staging / src["file"])  # external weights stay references
+        model.graph.name = name
+        model, reports = run_passes(model, _passes(kind), graph=name)
+        path = staging / f"{name}.onnx"
+        ir.save(model, path)
+        t = time.perf_counter()
+        reports.append({"pass": "CheckModelPass", "modified": False, "stats": check_model_file(path),
+                        "seconds": round(time.perf_counter() - t, 3)})
+        entries[name] = {
+            "kind": kind,
+            "file": path.name,
+            "data_files": list(src.get("data_files", [])),  # shared with the source graph
+            "precision": src["precision"],
+            "target": "ort-genai",
+            "source_graph": source,
+            **({"dynamic": True} if src.get("dynamic") else {}),
+            **({"spec": src["spec"]} if kind == "decoder" else {}),
+            "deepstack_packing": {"levels": levels, **_pairs(kind)},
+            **_interface(model),
+            "passes": reports,
+        }
+        del model
+    return entries
+
+
+def verify_genai_graph(staging: Path, manifest: dict, name: str, entry: dict, *, threads: int = 0):
+    """Run ``name`` on its source graph's golden input; return the measured GraphParity and the
+    golden entry it used (the source's file and tolerance)."""
+    from ..bundle_golden import check_golden
+
+    source_parity = manifest["parity"][entry["source_graph"]]
+    golden = dict(source_parity["golden"])
+    view = {"graphs": {**manifest["graphs"], name: entry},
+            "parity": {**manifest["parity"], name: {"golden": golden, "reference": source_parity["reference"]}}}
+    return check_golden(staging, view, name, threads=threads), golden
+
+
+def genai_config(ck, manifest: dict) -> dict:
+    """``genai_config.json`` for onnxruntime-genai's ``qwen3_vl`` model type."""
+    spec = manifest["graphs"]["decoder"]["spec"]
+    gen = manifest.get("generation") or {}
+    eos = gen.get("eos_token_id", [151645, 151643])
+    cfg = ck.config
+    io = {"session_options": {"log_id": "onnxruntime-genai", "provider_options": []}}
+    return {
+        "model": {
+            "type": GENAI_MODEL_TYPE,
+            "bos_token_id": gen.get("bos_token_id", 151643),
+            "pad_token_id": gen.get("pad_token_id", 151643),
+            "eos_token_id": eos if isinstance(eos, list) else [eos],
+            "image_token_id": cfg.get("image_token_id", 151655),
+            "video_token_id": cfg.get("video_token_id", 151656),
+            "vision_start_token_id": cfg.get("vision_start_token_id", 151652),
+            "vocab_size": spec["vocab"],
+            "context_length": spec["context_length"],
+            "decoder": {
+                **io,
+                "filename": "genai_decoder.onnx",
+                # The wide-channel layout: features plus K DeepStack levels per token.
+                "hidden_size": spec["hidden"] * (1 + spec["deepstack_levels"]),
+                "head_size": spec["head_dim"],
+                "num_attention_heads": spec["heads"],
+                "num_key_value_heads": spec["kv_heads"],
+                "num_hidden_layers": spec["layers"],
+                "inputs": {
+                    "inputs_embeds": "inputs_embeds",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+            },
+            "embedding": {
+                **io,
+                "filename": "genai_embedding.onnx",
+                "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
+                "outputs": {"inputs_embeds": "inputs_embeds"},
+            },
+            "vision": {
+                **io,
+                "filename": "genai_vision.onnx",
+                "config_filename": PROCESSOR_CONFIG,
+                "spatial_merge_size": ck.vision_config.get("spatial_merge_size", 2),
+                "patch_size": ck.vision_config.get("patch_size", 16),
+                "inputs": {"pixel_values": "pixel_values", "image_grid_thw": "image_grid_thw"},
+                "outputs": {"image_features": "image_features"},
+            },
+        },
+        "search": {
+            "do_sample": bool(gen.get("do_sample", False)),
+            "max_length": spec["context_length"],
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": True,
+            "repetition_penalty": float(gen.get("repetition_penalty", 1.0)),
+            "temperature": float(gen.get("temperature", 1.0)),
+            "top_k": int(gen.get("top_k", 1)),
+            "top_p": float(gen.get("top_p", 1.0)),
+            "length_penalty": 1.0,
+            "early_stopping": True,
+            "no_repeat_ngram_size": 0,
+            "diversity_penalty": 0.0,
+        },
+    }
+
+
+def processor_config(processor) -> dict:
+    """onnxruntime-extensions' image pipeline with the *checkpoint's* Qwen3-VL values
+    (``processor``: :class:`~qwen3vl_compile.runtime.preprocess.ProcessorConfig`), not the
+    Qwen2.5-VL pixel bounds that onnxruntime-genai's examples carry (3136 / 12845056)."""
+
+    def op(name: str, type_: str, attrs: dict | None = None) -> dict:
+        return {"operation": {"name": name, "type": type_, **({"attrs": attrs} if attrs else {})}}
+
+    return {
+        "processor": {
+            "name": "qwen3_vl_image_processor",
+            "transforms": [
+                op("decode_image", "DecodeImage", {"color_space": "RGB"}),
+                op("convert_to_rgb", "ConvertRGB"),
+                op("resize", "Resize", {
+                    "smart_resize": 1,
+                    "min_pixels": int(processor.min_pixels),
+                    "max_pixels": int(processor.max_pixels),
+                    "patch_size": int(processor.patch_size),
+                    "merge_size": int(processor.merge_size),
+                }),
+                op("rescale", "Rescale", {"rescale_factor": float(processor.rescale_factor)}),
+                op("normalize", "Normalize", {"mean": [float(x) for x in processor.image_mean],
+                                              "std": [float(x) for x in processor.image_std], "qwen3_vl": 1}),
+                op("patch_image", "PatchImage", {"patch_size": int(processor.patch_size),
+                                                 "temporal_patch_size": int(processor.temporal_patch_size),
+                                                 "merge_size": int(processor.merge_size)}),
+            ],
+        }
+    }
+
+
+def write_genai_configs(staging: Path, ck, manifest: dict) -> list[str]:
+    from ..runtime.preprocess import ProcessorConfig
+
+    processor = ProcessorConfig.from_dict(manifest.get("processor") or {})
+    (staging / GENAI_CONFIG).write_text(json.dumps(genai_config(ck, manifest), indent=2) + "\n")
+    (staging / PROCESSOR_CONFIG).write_text(json.dumps(processor_config(processor), indent=2) + "\n")
+    return [GENAI_CONFIG, PROCESSOR_CONFIG]
