@@ -37,10 +37,28 @@ from qwen3vl_compile.errors import PassError
 from .base import ReportedPassResult
 
 
-def _static(shape: ir.Shape | None, name: str, what: str) -> ir.Shape:
+def _static(shape: ir.Shape | None, name: str) -> ir.Shape:
     if shape is None or not isinstance(shape[-1], int):
-        raise PassError(f"{name}: {what} needs a known rank and a static last dimension, got {shape}")
+        raise PassError(f"{name}: needs a known rank and a static last dimension, got {shape}")
     return shape
+
+
+def find_pair(values, features: str, deepstack: str, packed: str, side: str):
+    """Rule 1, shared with the unpacking pass: the (features, deepstack) values among
+    ``values`` (a graph's inputs or outputs) and their shapes' ``(levels, hidden, rank)``;
+    None when the graph is already packed (``packed`` present, ``deepstack`` gone)."""
+    by_name = {v.name: v for v in values}
+    feats, deep = by_name.get(features), by_name.get(deepstack)
+    if deep is None and packed in by_name and (feats is None or features == packed):
+        return None
+    for name, value in ((features, feats), (deepstack, deep)):
+        if value is None:
+            raise PassError(f"graph has no {side} {name!r} ({side}s: {', '.join(by_name)})")
+    fshape, dshape = _static(feats.shape, features), _static(deep.shape, deepstack)
+    levels, hidden, rank = dshape[0], fshape[-1], len(fshape)
+    if not isinstance(levels, int) or len(dshape) != rank + 1 or dshape[-1] != hidden:
+        raise PassError(f"{deepstack} {list(dshape)} does not line up with {features} {list(fshape)}: expected [K, *features.shape]")
+    return feats, deep, (levels, hidden, rank)
 
 
 class PackDeepStackOutputsPass(ir.passes.InPlacePass):
@@ -51,21 +69,11 @@ class PackDeepStackOutputsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ReportedPassResult:
         graph = model.graph
-        outputs = {v.name: v for v in graph.outputs}
-        feats, deep = outputs.get(self.features), outputs.get(self.deepstack)
-        if deep is None and self.packed in outputs and (feats is None or self.features == self.packed):
+        found = find_pair(graph.outputs, self.features, self.deepstack, self.packed, "output")
+        if found is None:
             return ReportedPassResult(model, False, stats={"already_packed": True})
-        for name, value in ((self.features, feats), (self.deepstack, deep)):
-            if value is None:
-                raise PassError(f"graph has no output {name!r} (outputs: {', '.join(outputs)})")
-        fshape = _static(feats.shape, self.features, "the features output")
-        dshape = _static(deep.shape, self.deepstack, "the DeepStack output")
-        levels, hidden, rank = dshape[0], fshape[-1], len(fshape)
-        if not isinstance(levels, int) or len(dshape) != rank + 1 or dshape[-1] != hidden:
-            raise PassError(
-                f"{self.deepstack} {list(dshape)} does not line up with {self.features} {list(fshape)}: "
-                "expected [K, *features.shape]"
-            )
+        feats, deep, (levels, hidden, rank) = found
+        fshape = feats.shape
         # Rule 3: the old values keep flowing inside the graph under internal names.
         feats.name, deep.name = f"/deepstack_pack/{self.features}", f"/deepstack_pack/{self.deepstack}"
         base = "/deepstack_pack"

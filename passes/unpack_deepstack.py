@@ -27,10 +27,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qwen3vl_compile.errors import PassError
-
 from .base import ReportedPassResult
-from .pack_deepstack import _static
+from .pack_deepstack import find_pair
 
 
 def _i64(graph: ir.Graph, name: str, values) -> ir.Value:
@@ -48,21 +46,11 @@ class UnpackDeepStackInputsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ReportedPassResult:
         graph = model.graph
-        inputs = {v.name: v for v in graph.inputs}
-        feats, deep = inputs.get(self.features), inputs.get(self.deepstack)
-        if deep is None and self.packed in inputs and (feats is None or self.features == self.packed):
+        found = find_pair(graph.inputs, self.features, self.deepstack, self.packed, "input")
+        if found is None:
             return ReportedPassResult(model, False, stats={"already_unpacked": True})
-        for name, value in ((self.features, feats), (self.deepstack, deep)):
-            if value is None:
-                raise PassError(f"graph has no input {name!r} (inputs: {', '.join(inputs)})")
-        fshape = _static(feats.shape, self.features, "the features input")
-        dshape = _static(deep.shape, self.deepstack, "the DeepStack input")
-        levels, hidden, rank = dshape[0], fshape[-1], len(fshape)
-        if not isinstance(levels, int) or len(dshape) != rank + 1 or dshape[-1] != hidden:
-            raise PassError(
-                f"{self.deepstack} {list(dshape)} does not line up with {self.features} {list(fshape)}: "
-                "expected [K, *features.shape]"
-            )
+        feats, deep, (levels, hidden, rank) = found
+        fshape, dshape = feats.shape, deep.shape
         base = "/deepstack_unpack"
         feats.name, deep.name = f"{base}/{self.features}", f"{base}/{self.deepstack}"
         packed = ir.Value(
