@@ -1,0 +1,83 @@
+"""Every performance figure of the README in one run on this machine, then the table.
+
+    python benchmarks/run_all.py --work /work/bench [--threads 2] [--torch]
+
+Steps, in sequence (never two at once: each would steal the other's cores):
+
+1. compile the ``qwen3-vl-4b`` preset (real config, random weights): buckets 448 and 896, the
+   any-size graph, INT4 decoder, ``--target ort-genai``, every parity check, under
+   /usr/bin/time (wall and peak RSS of the whole process) -> ``results/compile_4b.json``
+2. ``vision_bench.py`` on that bundle's 448 and 896 buckets (PyTorch eager, plain export, ours)
+3. ``decoder_bench.py``: our INT4 decoder vs onnxruntime-genai's builder INT4 decoder (built
+   here, timed) [and PyTorch eager with ``--torch``: ~17 GB]
+4. ``e2e_bench.py``: one 448 image + 20 words, 64 tokens, ours vs onnxruntime-genai's pipeline
+   on the same bundle
+5. ``perf_table.py``: the table the README quotes
+
+An existing bundle or builder output under ``--work`` is reused (``--fresh`` rebuilds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine, run_timed, save  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def step(title: str, cmd: list[str]) -> None:
+    print(f"\n== {title}\n$ {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, required=True, help="where the 4B bundle and the builder's output go")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--torch", action="store_true", help="also time PyTorch eager fp32 in the decoder benchmark")
+    ap.add_argument("--fresh", action="store_true", help="rebuild the bundle and the builder's decoder")
+    args = ap.parse_args()
+    py = sys.executable
+    bundle, genai = args.work / "4b-int4", args.work / "genai-int4"
+    if args.fresh:
+        shutil.rmtree(bundle, ignore_errors=True)
+        shutil.rmtree(genai, ignore_errors=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    if not (bundle / "manifest.json").is_file():
+        cmd = [py, "-m", "qwen3vl_compile.cli", "--model", "qwen3-vl-4b", "--buckets", "448,896,dynamic",
+               "--target", "ort-genai", "--threads", str(args.threads), "-o", str(bundle), "-q"]
+        print(f"== compile\n$ {' '.join(cmd)}", flush=True)
+        wall, rss, _ = run_timed(cmd)
+        m = json.loads((bundle / "manifest.json").read_text())
+        date = datetime.date.today().isoformat()
+        text = (f"compile of {bundle.name} ({', '.join(m['options']['buckets'])}, {m['options']['precision']} decoder, "
+                f"target {m['options']['target']}, all parity checks): wall {wall / 60:.1f} min, peak RSS {rss / 2**30:.1f} GiB "
+                f"(/usr/bin/time); {date}, {machine()['cpu']}")
+        print(text)
+        save("compile_4b", {"date": date, "machine": machine(), "wall_s": wall, "peak_rss_bytes": rss,
+                            "command": cmd[2:], "stage_seconds": m["timings"]}, text)
+    for b in ("448", "896"):
+        step(f"vision {b}", [py, str(HERE / "vision_bench.py"), "--bundle", str(bundle), "--bucket", b,
+                             "--threads", str(args.threads)])
+    dec = [py, str(HERE / "decoder_bench.py"), "--bundle", str(bundle), "--genai", str(genai), "--threads", str(args.threads)]
+    if not (genai / "model.onnx").is_file():
+        dec.append("--build-genai")
+    if args.torch:
+        dec.append("--torch")
+    step("decoder", dec)
+    step("end to end", [py, str(HERE / "e2e_bench.py"), "--bundle", str(bundle), "--threads", str(args.threads)])
+    step("table", [py, str(HERE / "perf_table.py"), "--bundle", str(bundle)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
