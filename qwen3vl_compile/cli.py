@@ -10,8 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .buckets import parse_buckets
-from .buckets import DYNAMIC
+from .buckets import DYNAMIC, parse_buckets
 from .config import GRAPH_KINDS, PRECISIONS, TARGETS, CompileConfig
 from .errors import Qwen3VLCompileError
 

@@ -116,7 +116,7 @@ def build_decoder(
                     META_PREFIX + "logits": logits,
                 }
             )
-            interface = _interface(model.graph)
+            interface = graph_interface(model.graph)
 
             t = time.perf_counter()
             out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def build_decoder(
     }
 
 
-def _interface(graph: ir.Graph) -> dict:
+def graph_interface(graph: ir.Graph) -> dict:
     """Inputs and outputs as saved, with past/present folded to one ``{i}`` entry each."""
 
     def describe(values) -> list[dict]:

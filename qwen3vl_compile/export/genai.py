@@ -33,8 +33,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from ..errors import ExportError
+from .decoder import graph_interface
 
-TARGETS = ("onnx", "ort-genai")
 GENAI_CONFIG = "genai_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
 # onnxruntime-genai's model type for Qwen3-VL (its builder writes "qwen3vl", which its
@@ -64,20 +64,12 @@ def _source_graphs(manifest: dict) -> dict[str, str]:
     """genai graph name -> the bundle graph it wraps; refuses a bundle without them."""
     graphs = manifest["graphs"]
     dynamic = next((n for n, g in graphs.items() if g.get("kind") == "vision" and g.get("dynamic")), None)
-    missing = [w for w, n in (("the any-size vision graph (--buckets ...,dynamic)", dynamic),
-                              ("embedding", "embedding" in graphs or None), ("decoder", "decoder" in graphs or None)) if not n]
+    sources = {"genai_vision": dynamic, "genai_embedding": "embedding", "genai_decoder": "decoder"}
+    missing = [name for name, src in sources.items() if src not in graphs]
     if missing:
-        raise ExportError(f"--target ort-genai needs {', '.join(missing)}")
-    return {"genai_vision": dynamic, "genai_embedding": "embedding", "genai_decoder": "decoder"}
-
-
-def _interface(model: ir.Model) -> dict:
-    def describe(values):
-        return [{"name": v.name, "dtype": str(v.dtype).lower().replace("datatype.", "") if v.dtype else None,
-                 "shape": [d if isinstance(d, int) else str(d) for d in v.shape] if v.shape is not None else None}
-                for v in values]
-
-    return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}
+        raise ExportError(f"--target ort-genai: the bundle lacks the graphs that {', '.join(missing)} wrap "
+                          "(it needs --buckets ...,dynamic, the embedding and the decoder)")
+    return sources
 
 
 def build_genai_graphs(staging: Path, manifest: dict) -> dict[str, dict]:
@@ -109,7 +101,7 @@ def build_genai_graphs(staging: Path, manifest: dict) -> dict[str, dict]:
             **({"dynamic": True} if src.get("dynamic") else {}),
             **({"spec": src["spec"]} if kind == "decoder" else {}),
             "deepstack_packing": {"levels": levels, **_pairs(kind)},
-            **_interface(model),
+            **graph_interface(model.graph),
             "passes": reports,
         }
         del model
