@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, run_timed, save, table  # noqa: E402
 
 PROMPT, NEW = 300, 128
+BUILD_RECORD = "qwen3vl_bench_build.json"  # the builder's wall time and peak RSS, kept beside its output
 
 
 def _session(path, threads):
@@ -149,7 +150,10 @@ def main() -> int:
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", source, "-o", str(args.genai),
                "-p", "int4", "-e", "cpu", "--extra_options", "exclude_embeds=true"]
         wall, rss, _ = run_timed(cmd)
-        notes["genai_build"] = {"wall_s": wall, "peak_rss_bytes": rss}
+        notes["genai_build"] = {"wall_s": wall, "peak_rss_bytes": rss, "date": datetime.date.today().isoformat()}
+        (args.genai / BUILD_RECORD).write_text(json.dumps(notes["genai_build"]) + "\n")
+    elif args.genai and (args.genai / BUILD_RECORD).is_file():  # measured when that decoder was built
+        notes["genai_build"] = json.loads((args.genai / BUILD_RECORD).read_text())
     embed_session = _session(args.bundle / "embedding.onnx", args.threads)
     ids = np.random.default_rng(0).integers(0, 150000, PROMPT).tolist()
     paths = {"qwen3vl-compile INT4": args.bundle / "decoder.onnx"}

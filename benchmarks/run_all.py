@@ -9,12 +9,14 @@ Steps, in sequence (never two at once: each would steal the other's cores):
    /usr/bin/time (wall and peak RSS of the whole process) -> ``results/compile_4b.json``
 2. ``vision_bench.py`` on that bundle's 448 and 896 buckets (PyTorch eager, plain export, ours)
 3. ``decoder_bench.py``: our INT4 decoder vs onnxruntime-genai's builder INT4 decoder (built
-   here, timed) [and PyTorch eager with ``--torch``: ~17 GB]
+   here, timed), and our decoder built with ``--block-size 128`` (the block-size lever)
+   [and PyTorch eager with ``--torch``: ~17 GB]
 4. ``e2e_bench.py``: one 448 image + 20 words, 64 tokens, ours vs onnxruntime-genai's pipeline
    on the same bundle
 5. ``perf_table.py``: the table the README quotes
 
-An existing bundle or builder output under ``--work`` is reused (``--fresh`` rebuilds).
+An existing bundle or builder output under ``--work`` is reused (``--fresh`` rebuilds);
+``--steps vision,decoder`` reruns only those steps (the table is always printed).
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--torch", action="store_true", help="also time PyTorch eager fp32 in the decoder benchmark")
     ap.add_argument("--fresh", action="store_true", help="rebuild the bundle and the builder's decoder")
+    ap.add_argument("--steps", default="vision,decoder,e2e", help="which benchmark steps to run (default: all)")
     args = ap.parse_args()
+    steps = set(args.steps.split(","))
     py = sys.executable
-    bundle, genai = args.work / "4b-int4", args.work / "genai-int4"
+    bundle, genai, b128 = args.work / "4b-int4", args.work / "genai-int4", args.work / "4b-int4-block128"
     if args.fresh:
-        shutil.rmtree(bundle, ignore_errors=True)
-        shutil.rmtree(genai, ignore_errors=True)
+        for d in (bundle, genai, b128):
+            shutil.rmtree(d, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
 
     if not (bundle / "manifest.json").is_file():
@@ -65,16 +69,23 @@ def main() -> int:
         print(text)
         save("compile_4b", {"date": date, "machine": machine(), "wall_s": wall, "peak_rss_bytes": rss,
                             "command": cmd[2:], "stage_seconds": m["timings"]}, text)
-    for b in ("448", "896"):
-        step(f"vision {b}", [py, str(HERE / "vision_bench.py"), "--bundle", str(bundle), "--bucket", b,
-                             "--threads", str(args.threads)])
-    dec = [py, str(HERE / "decoder_bench.py"), "--bundle", str(bundle), "--genai", str(genai), "--threads", str(args.threads)]
-    if not (genai / "model.onnx").is_file():
-        dec.append("--build-genai")
-    if args.torch:
-        dec.append("--torch")
-    step("decoder", dec)
-    step("end to end", [py, str(HERE / "e2e_bench.py"), "--bundle", str(bundle), "--threads", str(args.threads)])
+    if "vision" in steps:
+        for b in ("448", "896"):
+            step(f"vision {b}", [py, str(HERE / "vision_bench.py"), "--bundle", str(bundle), "--bucket", b,
+                                 "--threads", str(args.threads)])
+    if "decoder" in steps:
+        if not (b128 / "manifest.json").is_file():
+            step("decoder with --block-size 128", [py, "-m", "qwen3vl_compile.cli", "--model", "qwen3-vl-4b", "--graphs", "decoder",
+                                                   "--block-size", "128", "--threads", str(args.threads), "-o", str(b128), "-q"])
+        dec = [py, str(HERE / "decoder_bench.py"), "--bundle", str(bundle), "--genai", str(genai), "--threads", str(args.threads),
+               "--extra", f"qwen3vl-compile INT4 --block-size 128={b128 / 'decoder.onnx'}"]
+        if not (genai / "model.onnx").is_file():
+            dec.append("--build-genai")
+        if args.torch:
+            dec.append("--torch")
+        step("decoder", dec)
+    if "e2e" in steps:
+        step("end to end", [py, str(HERE / "e2e_bench.py"), "--bundle", str(bundle), "--threads", str(args.threads)])
     step("table", [py, str(HERE / "perf_table.py"), "--bundle", str(bundle)])
     return 0
 
