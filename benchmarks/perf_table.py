@@ -39,10 +39,13 @@ def main() -> int:
         r = d["results"]
         g, o = r["onnxruntime-genai builder INT4"], r["qwen3vl-compile INT4"]
         b = r.get("qwen3vl-compile INT4 --block-size 128")
-        rows.append(["prefill 300 tokens INT4 (decoder_bench.py)", f"genai {g['prefill_s']:.2f} s",
+        t = r.get("PyTorch eager fp32")
+        torch_p = f"; PyTorch fp32 {t['prefill_s']:.2f} s" if t else ""
+        torch_d = f"; PyTorch fp32 {t['decode_tok_s']:.2f} tok/s" if t else ""
+        rows.append(["prefill 300 tokens INT4 (decoder_bench.py)", f"genai {g['prefill_s']:.2f} s{torch_p}",
                      f"{o['prefill_s']:.2f} s = {g['prefill_s'] / o['prefill_s']:.2f}x"
                      + (f"; block 128: {b['prefill_s']:.2f} s = {g['prefill_s'] / b['prefill_s']:.2f}x" if b else ""), ">= 1.5x genai"])
-        rows.append(["decode 128 greedy tokens INT4 (decoder_bench.py)", f"genai {g['decode_tok_s']:.2f} tok/s",
+        rows.append(["decode 128 greedy tokens INT4 (decoder_bench.py)", f"genai {g['decode_tok_s']:.2f} tok/s{torch_d}",
                      f"{o['decode_tok_s']:.2f} tok/s = {o['decode_tok_s'] / g['decode_tok_s']:.2f}x"
                      + (f"; block 128: {b['decode_tok_s']:.2f} = {b['decode_tok_s'] / g['decode_tok_s']:.2f}x" if b else ""), ">= 1.1x genai"])
         bw = d["notes"]["bandwidth"]
