@@ -113,7 +113,22 @@ def _vision(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, p
     if dynamic is not None:
         failures += _vision_dynamic(visual, cfg, staging, manifest, progress)
     del visual
+    _share_vision_weights(staging, manifest, progress)
     return failures
+
+
+VISION_WEIGHTS = "vision_weights.onnx.data"
+
+
+def _share_vision_weights(staging: Path, manifest: dict, progress: Progress) -> None:
+    """Every vision graph was exported with its own copy of the tower: keep one."""
+    from .export.share_weights import share_weights
+
+    names = [n for n, g in manifest["graphs"].items() if g["kind"] == "vision"]
+    with progress.stage(f"share vision weights ({len(names)} graphs)"):
+        manifest["vision_weights"] = share_weights(staging, [manifest["graphs"][n]["file"] for n in names], VISION_WEIGHTS)
+    for n in names:
+        manifest["graphs"][n]["data_files"] = [VISION_WEIGHTS]
 
 
 def _vision_dynamic(visual, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:

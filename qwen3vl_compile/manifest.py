@@ -11,6 +11,9 @@ Schema ``qwen3vl-compile/manifest`` version 1, top-level keys:
 - ``graphs``: per graph: file, data files, kind, precision, inputs/outputs, export info,
   patches applied, and every pass's report (name, modified, stats, seconds)
 - ``parity``: per graph: reference, tolerance, per case and per output max abs/rel error
+- ``vision_weights``: the one external-data file all vision graphs read their weights from
+  (tensors stored once per distinct content), with counts and bytes before/after
+- ``genai`` (``--target ort-genai``): onnxruntime-genai's model type, config files, wrapper graphs
 - ``files``: every file of the bundle (relative path) with bytes and sha256
 - ``processor``: the checkpoint's preprocessor settings; ``generation``: generation settings
 - ``timings``: seconds per compile stage; ``peak_rss_bytes``

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from qwen3vl_compile import verify as verify_mod
+from qwen3vl_compile.bundle_golden import check_golden
 from qwen3vl_compile.cli import main
 from qwen3vl_compile.export.vision import verify_vision_bucket
 
@@ -56,6 +57,15 @@ def test_compile_writes_bundle_with_manifest(tmp_path, capsys):
         assert m["files"][f"{name}.onnx"]["sha256"]
     assert "tokenizer.json" in m["files"] and "preprocessor_config.json" in m["files"]
     assert "parity max rel err" in capsys.readouterr().out
+    # One copy of the tower's weights for both graphs; the per-bucket position tables differ.
+    shared = m["vision_weights"]
+    assert shared["file"] == "vision_weights.onnx.data" and shared["tensors_shared"] > 0
+    assert shared["bytes_after"] < 0.6 * shared["bytes_before"]
+    assert all(m["graphs"][n]["data_files"] == ["vision_weights.onnx.data"] for n in ("vision_224", "vision_128x256"))
+    assert [f for f in m["files"] if f.endswith(".data")] == ["vision_weights.onnx.data"]
+    # The rewritten graphs still reproduce their recorded PyTorch references.
+    for name in ("vision_224", "vision_128x256"):
+        assert check_golden(out, m, name).passed
     # An existing output is refused without --force, replaced with it.
     assert _compile(out) == 2
     assert "already exists" in capsys.readouterr().err
