@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 OUT=${OUT:-out/tiny}
+mkdir -p "$(dirname "$OUT")"   # the compiler refuses a missing parent (a typo guard); out/ is not in git
 .venv/bin/qwen3vl-compile --model tiny --buckets 224,448 -o "$OUT" --force -v
 .venv/bin/qwen3vl-compile inspect "$OUT"
 .venv/bin/qwen3vl-run "$OUT" --image qwen3vl_compile/assets/sample.png --prompt "Describe this image." --max-new-tokens 32
