@@ -36,7 +36,6 @@ def main() -> int:
     args = ap.parse_args()
 
     import onnx_ir as ir
-    import onnxruntime as ort
 
     from qwen3vl_compile.passes.base import run_passes
     from qwen3vl_compile.passes.fuse_sibling_matmulnbits import FuseSiblingMatMulNBitsPass
@@ -60,10 +59,7 @@ def main() -> int:
     print(reports[0]["stats"], flush=True)
 
     def session(path):
-        o = ort.SessionOptions()
-        o.intra_op_num_threads, o.inter_op_num_threads = args.threads, 1
-        return DecoderSession(path, max_length=args.prompt + args.steps + 8,
-                              session=ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"]))
+        return DecoderSession(path, max_length=args.prompt + args.steps + 8, threads=args.threads)
 
     systems = {"unfused (q/k/v, gate/up separate)": session(plain), "FuseSiblingMatMulNBitsPass": session(fused)}
     hidden = next(iter(systems.values())).hidden
