@@ -41,13 +41,16 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
     """Run the whole compile; return the manifest. Raises a typed error on any failure."""
     progress = progress or Progress(enabled=cfg.verbose)
     _quiet_libraries(progress.enabled)
-    writer = BundleWriter(cfg.output, force=cfg.force)
+    model_dir = Path(cfg.model).expanduser()
+    protected = [model_dir] if cfg.model not in PRESETS and model_dir.is_dir() else []
+    writer = BundleWriter(cfg.output, force=cfg.force, protected=protected, log=progress.log)
     writer.check_target()  # fail before any expensive work
     manifest = new_manifest(list(cfg.command))
     manifest["options"] = cfg.options_json()
 
     with progress.stage("load"):
         path = resolve_model_source(cfg.model, cache_dir=cfg.cache_dir, log=progress.log)
+        writer.protect(path)
         ck = Checkpoint.open(path)
         ck.check_tokenizer()
         _check_bucket_geometry(ck, cfg)

@@ -29,7 +29,7 @@ import json
 from pathlib import Path
 
 from . import __version__
-from .bundle import sha256_file
+from .bundle import STAGING_MARKER, sha256_file
 
 SCHEMA = "qwen3vl-compile/manifest"
 SCHEMA_VERSION = 1
@@ -72,7 +72,7 @@ def hash_files(root: Path, manifest: dict) -> None:
     """Record bytes and sha256 of every file under ``root`` except the manifest itself."""
     files = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.name not in (MANIFEST, STAGING_MARKER):
             rel = p.relative_to(root).as_posix()
             files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     manifest["files"] = files
