@@ -18,23 +18,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import LoadError
-from .presets import PRESETS, materialize_preset
+from .presets import PRESETS, is_preset, materialize_preset
 from .tokens import SPECIAL_TOKENS
 
-ARCHITECTURE = "Qwen3VLForConditionalGeneration"
-MODEL_TYPE = "qwen3_vl"
+# Dense and MoE Qwen3-VL: architecture -> model_type.
+ARCHITECTURES = {"Qwen3VLForConditionalGeneration": "qwen3_vl", "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe"}
 VISION_PREFIXES = ("model.visual.", "visual.")
 TEXT_PREFIXES = ("model.language_model.", "model.", "language_model.model.")
 
 
 def resolve_model_source(spec: str, *, cache_dir: Path | None = None, log=None) -> Path:
-    """``tiny`` / ``qwen3-vl-4b`` -> a materialised preset; anything else must be a directory."""
-    if spec in PRESETS:
+    """``tiny`` / ``qwen3-vl-4b`` / ``qwen3-vl-8b:4`` -> a materialised preset; anything else must be a directory."""
+    if is_preset(spec):
         return materialize_preset(spec, cache_dir, log=log)
     path = Path(spec).expanduser()
     if not path.exists():
         presets = ", ".join(sorted(PRESETS))
-        raise LoadError(f"--model {spec!r}: no such directory (presets: {presets})")
+        raise LoadError(f"--model {spec!r}: no such directory (presets: {presets}; NAME:N cuts an official shape to N layers)")
     if not path.is_dir():
         raise LoadError(f"--model {spec!r}: expected a checkpoint directory, got a file")
     return path
@@ -65,10 +65,10 @@ class Checkpoint:
             raise LoadError(f"{cfg_file}: cannot read ({e})") from None
         archs = config.get("architectures") or []
         mtype = config.get("model_type")
-        if ARCHITECTURE not in archs and mtype != MODEL_TYPE:
+        if not set(archs) & set(ARCHITECTURES) and mtype not in ARCHITECTURES.values():
             raise LoadError(
                 f"{path}: not a Qwen3-VL checkpoint (config.json architectures={archs}, model_type={mtype!r}; "
-                f"expected {ARCHITECTURE} / {MODEL_TYPE!r})"
+                f"expected one of {', '.join(ARCHITECTURES)})"
             )
         text = config.get("text_config")
         vision = config.get("vision_config")
@@ -76,6 +76,9 @@ class Checkpoint:
             raise LoadError(f"{path}: config.json has no text_config")
         if not isinstance(vision, dict):
             raise LoadError(f"{path}: config.json has no vision_config")
+        from .support import check_config
+
+        check_config(config)
         rope = _rope_dict(text)
         section = rope.get("mrope_section")
         head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
@@ -94,6 +97,9 @@ class Checkpoint:
         preprocessor = json.loads(pre_file.read_text())
         ck = cls(path=path, config=config, preprocessor=preprocessor)
         ck._check_weights_present()
+        from .support import check_text_weights
+
+        check_text_weights(ck)
         return ck
 
     def check_tokenizer(self) -> None:
@@ -138,10 +144,27 @@ class Checkpoint:
     def tie_word_embeddings(self) -> bool:
         return bool(self.config.get("tie_word_embeddings", self.text_config.get("tie_word_embeddings", False)))
 
-    def hf_config(self):
-        from transformers import Qwen3VLConfig
+    @property
+    def architecture(self) -> str:
+        archs = [a for a in self.config.get("architectures") or [] if a in ARCHITECTURES]
+        if archs:
+            return archs[0]
+        return next(a for a, t in ARCHITECTURES.items() if t == self.config.get("model_type"))
 
-        return Qwen3VLConfig.from_pretrained(self.path)
+    @property
+    def is_moe(self) -> bool:
+        return self.architecture == "Qwen3VLMoeForConditionalGeneration"
+
+    def hf_config(self):
+        """The transformers config object of this checkpoint's architecture."""
+        import transformers
+
+        return getattr(transformers, self.architecture.replace("ForConditionalGeneration", "Config")).from_pretrained(self.path)
+
+    def hf_class(self):
+        import transformers
+
+        return getattr(transformers, self.architecture)
 
     # ---- weights ----------------------------------------------------------------
     def _weight_map(self) -> dict[str, Path]:
@@ -149,8 +172,10 @@ class Checkpoint:
             return self._wmap
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            data = json.loads(index.read_text())
-            wmap = {k: self.path / v for k, v in data["weight_map"].items()}
+            try:
+                wmap = {k: self.path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise LoadError(f"{index}: not a readable weight index ({type(e).__name__}: {e})") from None
         else:
             files = sorted(self.path.glob("*.safetensors"))
             if not files:
@@ -159,11 +184,33 @@ class Checkpoint:
 
             wmap = {}
             for f in files:
-                with safe_open(str(f), framework="pt") as fh:
-                    for k in fh.keys():
-                        wmap[k] = f
+                for k in self._header(f):
+                    wmap[k] = f
         self._wmap = wmap
         return wmap
+
+    def _header(self, f: Path) -> dict[str, tuple[int, ...]]:
+        """Names and shapes in one safetensors file (its header only); a file that is not
+        readable safetensors is a one-line LoadError."""
+        cache = self.__dict__.setdefault("_headers", {})
+        if f not in cache:
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    cache[f] = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+            except Exception as e:  # safetensors raises its own error types (and OSError)
+                raise LoadError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        return cache[f]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        f = self._weight_map().get(key)
+        if f is None:
+            raise LoadError(f"{self.path}: weight {key!r} not found")
+        shape = self._header(f).get(key)
+        if shape is None:
+            raise LoadError(f"{self.path}: {f.name} does not hold {key!r}, which model.safetensors.index.json puts there")
+        return shape
 
     def _check_weights_present(self) -> None:
         wmap = self._weight_map()
@@ -213,27 +260,18 @@ class Checkpoint:
     def load_vision_tower(self, dtype=None):
         """The Hugging Face ``Qwen3VLVisionModel`` with this checkpoint's weights (fp32 default)."""
         import torch
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+        from .vision_tower import build_vision_tower
 
         dtype = dtype or torch.float32
-        cfg = self.hf_config().vision_config
-        with torch.device("meta"):
-            model = Qwen3VLVisionModel(cfg)
         state = {k: v.to(dtype) for k, v in self.tensors_with_prefix(VISION_PREFIXES)}
-        missing = set(model.state_dict()) - set(state)
-        if missing:
-            raise LoadError(f"{self.path}: vision weights missing: {sorted(missing)[:5]}")
-        model.load_state_dict(state, strict=True, assign=True)
-        # Non-persistent buffers (rotary inv_freq) are not in the checkpoint: recompute them.
-        rot = model.rotary_pos_emb
-        inv_freq, _ = rot.compute_axial_rope_parameters(cfg)
-        rot.inv_freq = inv_freq
-        rot.original_inv_freq = inv_freq.clone()
-        return model.eval()
+        try:
+            return build_vision_tower(self.config, state)
+        except KeyError as e:
+            raise LoadError(f"{self.path}: vision weights missing: {e}") from None
 
     def load_full_model(self, dtype=None):
-        """The whole ``Qwen3VLForConditionalGeneration`` (for parity on small models)."""
+        """The whole Hugging Face model, dense or MoE (for parity on small models)."""
         import torch
-        from transformers import Qwen3VLForConditionalGeneration
 
-        return Qwen3VLForConditionalGeneration.from_pretrained(self.path, dtype=dtype or torch.float32).eval()
+        return self.hf_class().from_pretrained(self.path, dtype=dtype or torch.float32).eval()

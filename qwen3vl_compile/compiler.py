@@ -18,8 +18,9 @@ from .checkpoint import Checkpoint, resolve_model_source
 from .config import CompileConfig
 from .errors import LoadError, VerifyError
 from .manifest import hash_files, new_manifest, write_manifest
-from .presets import PRESETS
+from .presets import is_preset
 from .progress import Progress
+from .support import check_build_options
 
 ASSET_FILES = (
     "config.json",
@@ -42,7 +43,7 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
     progress = progress or Progress(enabled=cfg.verbose)
     _quiet_libraries(progress.enabled)
     model_dir = Path(cfg.model).expanduser()
-    protected = [model_dir] if cfg.model not in PRESETS and model_dir.is_dir() else []
+    protected = [model_dir] if not is_preset(cfg.model) and model_dir.is_dir() else []
     writer = BundleWriter(cfg.output, force=cfg.force, protected=protected, log=progress.log)
     writer.check_target()  # fail before any expensive work
     manifest = new_manifest(list(cfg.command))
@@ -54,9 +55,11 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
         ck = Checkpoint.open(path)
         ck.check_tokenizer()
         _check_bucket_geometry(ck, cfg)
+        if "decoder" in cfg.graphs:
+            check_build_options(ck.config, cfg.precision, cfg.block_size)
         manifest["source"] = {
             "model": cfg.model,
-            "preset": cfg.model if cfg.model in PRESETS else None,
+            "preset": cfg.model if is_preset(cfg.model) else None,
             "path": str(Path(path).resolve()),
             "architecture": (ck.config.get("architectures") or ["?"])[0],
             "config_sha256": ck.config_sha256,
@@ -79,6 +82,7 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
             failures += _genai(ck, cfg, staging, manifest, progress)
         if failures:
             raise VerifyError("parity check failed (no bundle written; use --no-verify to keep it anyway)", failures)
+        _recheck_goldens(staging, manifest, cfg, progress)
         with progress.stage("write"):
             if "vision" in cfg.graphs:
                 manifest["fallback"] = _write_fallback_weights(ck, staging)
@@ -190,14 +194,46 @@ def _decoder(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, 
                                  "seconds": round(time.perf_counter() - t, 3)})
     manifest["graphs"][name] = {"kind": "decoder", **report,
                                 "build": {"builder": "qwen3vl-compile onnx-ir decoder builder (weights streamed)"}}
-    path = staging / report["file"]
     if not cfg.verify:
         return []
-    from .export.decoder_verify import verify_decoder
+    return _gate_decoder(ck, cfg, staging, manifest, progress)
 
-    with progress.stage("verify decoder"):
-        parity = verify_decoder(path, ck, cfg.precision, threads=cfg.threads)
-    _record_parity(manifest, staging, name, parity)
+
+def _gate_decoder(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
+    """The decoder's parity gate (see export/decoder_verify.py): the shipped graph itself when
+    the fp32 reference of the whole depth fits, else a slice of its first N layers built by
+    the same builder with the same options, and the shipped graph's own output as golden."""
+    from .export.decoder import build_decoder
+    from .export.decoder_verify import DecoderOptions, gate_layers, self_golden, verify_decoder
+
+    options = DecoderOptions(cfg.precision, cfg.block_size, cfg.accuracy_level, cfg.keep_lm_head_fp)
+    total, n = ck.text_config["num_hidden_layers"], gate_layers(ck)
+    shipped = staging / manifest["graphs"]["decoder"]["file"]
+    if n == total:
+        with progress.stage(f"verify decoder ({n} layers, fp32 reference)"):
+            parity = verify_decoder(shipped, ck, options, threads=cfg.threads)
+        _record_parity(manifest, staging, "decoder", parity)
+        return parity.failures()
+    work = staging / ".gate"
+    try:
+        with progress.stage(f"build the decoder's first {n} of {total} layers for the gate"):
+            build_decoder(ck, work / "decoder.onnx", precision=cfg.precision, block_size=cfg.block_size,
+                          accuracy_level=cfg.accuracy_level, keep_lm_head_fp=cfg.keep_lm_head_fp, logits=cfg.logits,
+                          context_length=min(cfg.context_length, 1024), layers=n)
+        with progress.stage(f"verify decoder ({n} of {total} layers, fp32 reference)"):
+            parity = verify_decoder(work / "decoder.onnx", ck, options, layers=n, threads=cfg.threads)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    size, avail = shipped.stat().st_size + sum(p.stat().st_size for p in staging.glob(shipped.name + ".data")), _available_memory()
+    if avail is not None and size > 0.6 * avail:
+        parity.golden = {}
+        parity.details["golden_source"] = (f"not recorded: the decoder ({size / 2**30:.1f} GiB) does not fit this machine's "
+                                    f"available memory ({avail / 2**30:.1f} GiB) beside the compile")
+    else:
+        with progress.stage("record the shipped decoder's golden"):
+            parity.golden = self_golden(shipped, ck, threads=cfg.threads)
+        parity.details["golden_source"] = "the shipped decoder's own logits at compile time (its parity is gated on the slice)"
+    _record_parity(manifest, staging, "decoder", parity)
     return parity.failures()
 
 
@@ -226,6 +262,29 @@ def _genai(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, pr
     return failures
 
 
+def _recheck_goldens(staging: Path, manifest: dict, cfg: CompileConfig, progress: Progress) -> None:
+    """What ships is what was checked: after every rewrite (shared vision weights, wrapper
+    graphs), each graph's golden input is run again on the files as they will ship."""
+    from .bundle_golden import check_golden
+
+    names = [n for n, p in manifest["parity"].items() if p.get("golden")]
+    failures = []
+    with progress.stage(f"recheck {len(names)} goldens on the files as shipped"):
+        for name in names:
+            failures += check_golden(staging, manifest, name, threads=cfg.threads).failures()
+    if failures:
+        raise VerifyError("a graph changed after its parity check (no bundle written)", failures)
+
+
+def _available_memory() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil comes with the compile extra
+        return None
+
+
 def _record_parity(manifest: dict, staging: Path, name: str, parity) -> None:
     """Parity figures into the manifest; one input/reference pair into golden/<name>.npz,
     with the tolerance `qwen3vl-compile verify` will apply to it on any machine."""
@@ -239,7 +298,9 @@ def _record_parity(manifest: dict, staging: Path, name: str, parity) -> None:
         np.savez_compressed(staging / "golden" / f"{name}.npz", **parity.golden)
         entry["golden"] = {
             "file": f"golden/{name}.npz",
-            "tolerance_max_rel": golden_tolerance(parity.kind, parity.precision, parity.worst_rel),
+            "tolerance_max_rel": parity.golden_tolerance
+            if parity.golden_tolerance is not None
+            else golden_tolerance(parity.kind, parity.precision, parity.worst_rel),
         }
     manifest["parity"][name] = entry
 

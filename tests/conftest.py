@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from qwen3vl_compile.hf_reference import make_hf_generate
+
 
 @pytest.fixture(scope="session")
 def tiny_path():
@@ -45,41 +47,8 @@ def vision_graphs(tmp_path_factory, tiny_visual):
 
 @pytest.fixture(scope="session")
 def hf_generate(tiny_checkpoint, tiny_path):
-    """Greedy token ids from Hugging Face ``generate`` on the tiny model (unpatched
-    transformers, the checkpoint's own image processor values and chat template), as a
-    function ``(image_paths, prompt, max_new_tokens) -> ids`` cut at the first stop token."""
-    import json
-
-    import torch
-    from PIL import Image
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
-    model = tiny_checkpoint.load_full_model()
-    values = json.loads((tiny_path / "preprocessor_config.json").read_text())
-    proc = Qwen2VLImageProcessorPil(**{k: v for k, v in values.items() if k not in ("image_processor_type", "processor_class")})
-    tok = AutoTokenizer.from_pretrained(tiny_path)
-
-    def generate(image_paths, prompt, max_new_tokens):
-        imgs = [Image.open(p).convert("RGB") for p in image_paths]
-        content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": prompt}]
-        text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-        kwargs = {}
-        if imgs:
-            px = proc(images=imgs, return_tensors="pt")
-            counts = (px["image_grid_thw"].prod(-1) // 4).tolist()
-            parts = text.split("<|image_pad|>")
-            text = parts[0] + "".join("<|image_pad|>" * n + p for n, p in zip(counts, parts[1:]))
-            kwargs = dict(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])
-        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        kwargs["mm_token_type_ids"] = (ids == 151655).int()
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, **kwargs)
-        gen = out[0, ids.shape[1]:].tolist()
-        stops = {151645, 151643}
-        return next((gen[:i] for i, t in enumerate(gen) if t in stops), gen)
-
-    return generate
+    """``make_hf_generate`` on the tiny model."""
+    return make_hf_generate(tiny_path)
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,11 @@ from qwen3vl_compile.passes import decoder_passes
 from qwen3vl_compile.passes.base import run_passes
 from qwen3vl_compile.runtime.decoder_session import DecoderSession
 
+from planted import swap_mrope_streams
+
 
 def _build(ck, path, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
     model, spec = build_decoder_model(ck, context_length=512, **kw)
     model, reports = run_passes(model, decoder_passes(spec))
     save_streaming(model, path)
@@ -35,10 +38,12 @@ def hf(tiny_checkpoint):
 
 def test_fp32_parity_text_and_image_with_kv_cache(fp32_decoder, tiny_checkpoint):
     parity = verify_decoder(fp32_decoder[0], tiny_checkpoint, "fp32")
-    assert set(parity.cases) == {"text_only", "image"}
+    assert set(parity.cases) == {"text_only", "image", "two_images"}
     assert parity.passed, parity.failures()
     worst = max(o.max_rel for outs in parity.cases.values() for o in outs)
-    assert worst < 1e-5  # measured ~1.5e-6; the gate is 1e-4
+    assert worst < 1e-5  # measured ~1.9e-6; the gate is 1e-4
+    j = parity.to_json()
+    assert (j["layers_checked"], j["layers"], j["reference_dtype"]) == (4, 4, "float32")
 
 
 def _image_prompt(hf, grids, seed=0):
@@ -103,15 +108,47 @@ def test_check_sees_shifted_mrope(fp32_decoder, hf):
     assert _rel(_ours(fp32_decoder[0], mask, embeds, deep, swapped), ref) > 1e-3
 
 
-def test_int4_reports_cosine_and_top1(tiny_checkpoint, tmp_path):
+def test_int4_is_gated_against_the_dequantized_oracle(tiny_checkpoint, tmp_path):
+    """INT4 (accuracy_level 4, the default) is gated twice: at fp32 activations against
+    Hugging Face with the same quantize-dequantized weights (exact: 1e-4), and at its own
+    level with the measured int8-activation tolerance; the distance to the unquantized model
+    is reported beside."""
     path = tmp_path / "decoder.onnx"
     _build(tiny_checkpoint, path, precision="int4", logits="last")
     parity = verify_decoder(path, tiny_checkpoint, "int4")
+    assert parity.passed, parity.failures()
+    assert not list(tmp_path.glob("*accuracy0*"))  # the level-0 twin is removed
     for outs in parity.cases.values():
-        o = outs[0]
-        assert 0.5 < o.cosine <= 1.0 and 0.0 <= o.top1_agreement <= 1.0
-        assert o.max_rel > 1e-3  # quantized: visibly different from fp32, and measured as such
-    assert parity.passed  # int4 is reported, not gated
+        exact, level4, unrounded = outs
+        assert (exact.name, level4.name, unrounded.name) == ("logits", "logits_at_accuracy_level_4", "logits_vs_unrounded_fp32")
+        assert exact.max_rel < 1e-5 and exact.tolerance == 1e-4
+        assert 1e-3 < level4.max_rel < level4.tolerance  # int8 activations: visible, within the gate
+        assert unrounded.max_rel > 0.1 and not np.isfinite(unrounded.tolerance)  # quantization cost, reported
+    assert parity.golden_tolerance == level4.tolerance
+
+
+@pytest.mark.parametrize("precision", ["int4", "fp16"])
+def test_reduced_precision_gate_sees_planted_bugs(tiny_checkpoint, tmp_path, precision):
+    """A decoder without DeepStack (the public recipe) or with the H and W MRoPE streams
+    swapped fails the default-precision gate."""
+    ok = tmp_path / "ok" / "decoder.onnx"
+    _build(tiny_checkpoint, ok, precision=precision, logits="last")
+    assert verify_decoder(ok, tiny_checkpoint, precision).passed
+    no_deepstack = tmp_path / "nods" / "decoder.onnx"
+    model, spec = build_decoder_model(tiny_checkpoint, context_length=512, precision=precision, logits="last")
+    no_deepstack.parent.mkdir()
+    save_streaming(model, no_deepstack)  # no InsertDeepStackPass
+    swapped = tmp_path / "swap" / "decoder.onnx"
+    model, spec = build_decoder_model(tiny_checkpoint, context_length=512, precision=precision, logits="last")
+    model, _ = run_passes(model, decoder_passes(spec))
+    swapped.parent.mkdir()
+    save_streaming(swap_mrope_streams(model), swapped)
+    for bad in (no_deepstack, swapped):
+        parity = verify_decoder(bad, tiny_checkpoint, precision)
+        assert not parity.passed, bad
+        assert all(o.passed for o in parity.cases["text_only"]) or bad == swapped  # text-only does not use DeepStack
+        worst_image = max(o.max_rel for o in parity.cases["image"] if o.name == "logits")
+        assert worst_image > 10 * 1e-4, (bad, worst_image)
 
 
 def test_int4_kernel_matches_dequantized_weights(tiny_checkpoint, hf, tmp_path):

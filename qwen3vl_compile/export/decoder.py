@@ -66,6 +66,7 @@ def build_decoder(
     logits: str = "all",
     deepstack: bool = True,
     context_length: int = 8192,
+    layers: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Write ``out_path`` (``decoder.onnx``) and ``out_path.name + '.data'``; return a report.
@@ -75,6 +76,7 @@ def build_decoder(
     ``fp16`` (weights stored in half precision, computed in fp32) or ``fp32``.
     ``logits``: ``all`` positions or the ``last`` one only (prefill needs no other row).
     ``context_length``: rows of the rotary cos/sin tables; positions must stay below it.
+    ``layers``: only the first ``layers`` text layers (the parity gate's truncated slice).
     """
     check_options(precision, block_size, accuracy_level, logits, context_length)
     from ..passes import decoder_passes
@@ -96,6 +98,7 @@ def build_decoder(
                 keep_lm_head_fp=keep_lm_head_fp,
                 logits=logits,
                 context_length=context_length,
+                layers=layers,
             )
             seconds["build"] = time.perf_counter() - t
 

@@ -1,116 +1,377 @@
-"""Parity of decoder.onnx against Hugging Face's ``Qwen3VLForConditionalGeneration`` text path.
+"""The decoder's parity gate: ``decoder.onnx`` against Hugging Face's text model in fp32.
 
-Cases (run through :class:`~qwen3vl_compile.runtime.decoder_session.DecoderSession`, the
-runtime's own KV-cache path):
+**The reference is always fp32**: every weight is read from the checkpoint and upcast
+exactly (bf16 -> fp32 is exact). To keep memory bounded on real sizes the comparison runs on
+a *layer-truncated* model when the full fp32 text model does not fit :data:`FULL_DEPTH_BUDGET`:
+the decoder is built again by the same builder, with the same options, from the same weights,
+for its first ``N`` layers (plus the final norm and lm_head), and compared with Hugging Face
+cut to the same ``N`` layers. ``N`` is at least the number of DeepStack levels + 1, so every
+DeepStack injection and the layer after it are inside the checked slice; it is recorded in
+the manifest (``layers_checked`` of ``layers``).
 
-- ``text_only``: token embeddings, sequential positions; last-position logits.
-- ``image``: a prompt with one image's pad tokens: random image features scattered in,
-  MRoPE positions from Hugging Face's ``get_rope_index``, DeepStack features at the pad
-  positions; prefill logits, then 3 decode steps with ``rope_deltas``.
+**Every precision is gated against the exact oracle**: Hugging Face with the weights the
+decoder stores (fp32: as they are; fp16: rounded to half precision; int4: each quantized
+Linear replaced by its own quantize-dequantize round trip, lm_head too unless it is kept in
+floating point). What is left is the graph's own arithmetic (and for int4 at
+``accuracy_level`` 4, int8 activations), measured against :data:`..verify.TOLERANCES`. The
+distance to the *unquantized* model (cosine, top-1 agreement, relative error) is reported
+beside it, not gated: it is the cost of the precision the user chose.
 
-The reference is the Hugging Face model in fp32 when it fits the memory budget, otherwise in
-bf16 (recorded in the result). fp32 decoders are gated at relative error 1e-4; int4 figures
-(cosine similarity, top-1 agreement of the logits) are reported without a gate.
+Cases, all through :class:`~qwen3vl_compile.runtime.decoder_session.DecoderSession` (the
+runtime's own KV-cache path), each a prefill and 3 decode steps:
+
+- ``text_only``: sequential positions;
+- ``image`` and ``two_images``: random image features scattered onto the pad tokens,
+  DeepStack levels at the same rows, MRoPE positions from Hugging Face's ``get_rope_index``,
+  decode positions offset by its ``rope_delta``.
+
+The ONNX side runs first and is freed before the reference is loaded, so the two never share
+memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from pathlib import Path
 
 import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..verify import TOLERANCES, GraphParity, measure
+from .text_decoder import TEXT_PREFIXES, DecoderSpec
 
-FP32_REFERENCE_BUDGET = 6 << 30  # bytes of fp32 weights we are willing to hold for a reference
+# Bytes of fp32 text weights (layers + lm_head) up to which the whole depth is checked.
+FULL_DEPTH_BUDGET = 2 << 30
+DECODE_STEPS = 3
+# (case, grids): grids in patches (t, h, w); merged tokens = h * w / merge^2.
+CASES = (("text_only", ()), ("image", ((1, 6, 8),)), ("two_images", ((1, 4, 4), (1, 6, 4))))
 
 
-def _reference_model(ck: Checkpoint, dtype=None):
+@dataclasses.dataclass(frozen=True)
+class DecoderOptions:
+    """What the decoder was built with: the oracle applies the same weight rounding."""
+
+    precision: str = "fp32"
+    block_size: int = 32
+    accuracy_level: int = 4
+    keep_lm_head_fp: bool = False
+
+
+def text_weight_bytes(ck: Checkpoint, layers: int | None = None) -> int:
+    """fp32 bytes of the text layers (all, or the first ``layers``) plus the lm_head."""
+    from .moe import is_moe_layer, num_experts
+
+    spec = DecoderSpec.from_checkpoint(ck, 1)
+    t = ck.text_config
+    n = spec.layers if layers is None else layers
+    h, hd = spec.hidden, spec.head_dim
+    attn = h * hd * (2 * spec.heads + 2 * spec.kv_heads)
+    dense = 3 * h * spec.intermediate
+    sparse = num_experts(t) * (3 * h * t.get("moe_intermediate_size", 0) + h)
+    mlp = sum(sparse if is_moe_layer(t, i) else dense for i in range(n))
+    return 4 * (n * attn + mlp + spec.vocab * h)
+
+
+def gate_layers(ck: Checkpoint) -> int:
+    """How many layers the gate compares: all when they fit the budget, else DeepStack
+    levels + 1 (at least 2)."""
+    spec = DecoderSpec.from_checkpoint(ck, 1)
+    if text_weight_bytes(ck) <= FULL_DEPTH_BUDGET:
+        return spec.layers
+    return min(spec.layers, max(spec.deepstack_levels + 1, 2))
+
+
+@dataclasses.dataclass
+class _Case:
+    ids: np.ndarray  # [1, S]
+    mask: np.ndarray  # [1, S] bool, image pads
+    grids: tuple
+    embeds: np.ndarray  # [1, S, H] with image features scattered
+    deepstack: np.ndarray  # [K, 1, S, H]
+    positions: np.ndarray  # [3, 1, S]
+    delta: int
+    step_ids: np.ndarray  # [DECODE_STEPS]
+    step_embeds: np.ndarray  # [DECODE_STEPS, 1, 1, H]
+
+    def step_positions(self, t: int) -> np.ndarray:
+        return np.full((3, 1, 1), self.ids.shape[1] + t + self.delta, np.int64)
+
+
+def _reference_skeleton(ck: Checkpoint, layers: int):
+    """The Hugging Face model class of this checkpoint, cut to ``layers`` text layers, on the
+    meta device: nothing allocated until weights are assigned."""
     import torch
 
-    if dtype is not None:
-        return ck.load_full_model(dtype=dtype), dtype
-    t = ck.text_config
-    params = t["vocab_size"] * t["hidden_size"] * 2 + t["num_hidden_layers"] * (
-        4 * t["hidden_size"] ** 2 + 3 * t["hidden_size"] * t["intermediate_size"]
-    )
-    dtype = torch.float32 if params * 4 <= FP32_REFERENCE_BUDGET else torch.bfloat16
-    return ck.load_full_model(dtype=dtype), dtype
+    cfg = ck.hf_config()
+    cfg.text_config.num_hidden_layers = layers
+    with torch.device("meta"):
+        model = ck.hf_class()(cfg)
+    return model.eval()
 
 
-def verify_decoder(
-    onnx_path: Path, ck: Checkpoint, precision: str, *, threads: int = 0, seed: int = 5, reference=None
-) -> GraphParity:
-    """``reference``: an already loaded (model, dtype) pair, to share one reference between
-    several decoders; by default the model is loaded here (fp32 if it fits the budget)."""
+def _set_param(root, name: str, tensor) -> None:
+    import torch
+
+    owner, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, attr, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def load_text_reference(ck: Checkpoint, layers: int):
+    """Hugging Face's model with its first ``layers`` text layers, final norm and lm_head in
+    fp32 read from the checkpoint (the vision tower and the embedding table stay on the meta
+    device: the gate feeds ``inputs_embeds``)."""
+    import torch
+
+    model = _reference_skeleton(ck, layers)
+    lm = model.model.language_model
+    for name, meta in list(lm.named_parameters()):
+        if name.startswith("embed_tokens."):
+            continue
+        _set_param(lm, name, _reference_tensor(ck, name, tuple(meta.shape)))
+    head_key = ck.find("embed_tokens.weight", TEXT_PREFIXES) if ck.tie_word_embeddings else _lm_head_key(ck)
+    model.lm_head.weight = torch.nn.Parameter(ck.tensor(head_key).to(torch.float32), requires_grad=False)
+    # Non-persistent buffers (rotary inv_freq) are not in the checkpoint: build them.
+    lm.rotary_emb = type(lm.rotary_emb)(config=model.config.text_config)
+    left = [n for n, p in [*lm.named_parameters(), *lm.named_buffers()] if p.is_meta and not n.startswith("embed_tokens.")]
+    if left:
+        raise ValueError(f"reference weights not loaded: {left[:5]}")
+    return model
+
+
+def _reference_tensor(ck: Checkpoint, name: str, shape: tuple[int, ...]):
+    """The checkpoint's tensor for parameter ``name`` of the text model, fp32, in the layout
+    the module holds. MoE experts may be stored fused in the Hub's layout ([E, H, 2I] /
+    [E, I, H]: transposed, as transformers 5's loader says) or one tensor per expert."""
+    import torch
+
+    experts = name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+    if experts and not any(p + name in ck.keys() for p in TEXT_PREFIXES):
+        base = name.rsplit(".", 1)[0]
+        parts = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
+        per_expert = [torch.cat([ck.tensor(ck.find(f"{base}.{e}.{part}.weight", TEXT_PREFIXES)) for part in parts])
+                      for e in range(shape[0])]
+        return torch.stack(per_expert).to(torch.float32)
+    t = ck.tensor(ck.find(name, TEXT_PREFIXES)).to(torch.float32)
+    if tuple(t.shape) != shape and experts and tuple(t.transpose(1, 2).shape) == shape:
+        t = t.transpose(1, 2).contiguous()
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)}, the model expects {shape}")
+    return t
+
+
+def _lm_head_key(ck: Checkpoint) -> str:
+    from .text_decoder import _lm_head_key as key
+
+    return key(ck)
+
+
+def round_like_decoder(model, options: DecoderOptions) -> int:
+    """Replace, in place, every weight the decoder stores in reduced precision by what the
+    decoder computes with. Returns how many matrices were rounded."""
+    import torch
+
+    from .quantize import dequantize_int4, quantize_int4
+
+    if options.precision == "fp32":
+        return 0
+    layers = model.model.language_model.layers
+    # Matrices [..., N, K] as the module holds them: every Linear, MoE experts [E, N, K], and
+    # (fp16 only: int4 keeps it fp32) the MoE router.
+    mats = [m.weight for m in layers.modules() if isinstance(m, torch.nn.Linear)]
+    for mod in layers.modules():
+        if hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj") and isinstance(mod.down_proj, torch.nn.Parameter):
+            mats += [mod.gate_up_proj, mod.down_proj]
+        elif options.precision == "fp16" and type(mod).__name__.endswith("TopKRouter"):
+            mats.append(mod.weight)
+    if options.precision == "fp16" or not options.keep_lm_head_fp:
+        mats.append(model.lm_head.weight)
+
+    def rounded(w):  # [N, K]
+        if options.precision == "fp16":
+            return w.to(torch.float16).to(torch.float32)
+        packed, scales = quantize_int4(w.numpy().T, options.block_size)
+        return torch.from_numpy(dequantize_int4(packed, scales, w.shape[1]).T.copy())
+
+    count = 0
+    for p in mats:
+        if p.ndim == 3:
+            p.data = torch.stack([rounded(w) for w in p.data])
+            count += p.shape[0]
+        else:
+            p.data = rounded(p.data)
+            count += 1
+    return count
+
+
+def _cases(ck: Checkpoint, skeleton, seed: int) -> dict[str, _Case]:
+    """Prompts with embeddings read from the checkpoint's table and HF's MRoPE positions."""
+    import torch
+
+    cfg = ck.config
+    image_id = cfg["image_token_id"]
+    vs, ve = cfg["vision_start_token_id"], cfg["vision_end_token_id"]
+    merge = ck.vision_config["spatial_merge_size"]
+    spec = DecoderSpec.from_checkpoint(ck, 1)
+    gen = np.random.default_rng(seed)
+    raw = {}
+    for name, grids in CASES:
+        parts = [gen.integers(0, 5000, 5)]
+        for _, h, w in grids:
+            parts += [[vs], np.full(h * w // merge**2, image_id), [ve], gen.integers(0, 5000, 3)]
+        parts.append(gen.integers(0, 5000, 4))
+        raw[name] = (np.concatenate(parts).astype(np.int64)[None], grids, gen.integers(0, 5000, DECODE_STEPS))
+    # One read of the table, only the rows used.
+    used = sorted({int(t) for ids, _, steps in raw.values() for t in (*ids[0], *steps)})
+    table = ck.tensor(ck.find("embed_tokens.weight", TEXT_PREFIXES))
+    rows = dict(zip(used, table[torch.tensor(used)].to(torch.float32).numpy()))
+    del table
+    cases = {}
+    for name, (ids, grids, steps) in raw.items():
+        mask = ids == image_id
+        embeds = np.stack([rows[int(t)] for t in ids[0]])[None].astype(np.float32)
+        deep = np.zeros((spec.deepstack_levels, *embeds.shape), np.float32)
+        n = int(mask.sum())
+        if n:
+            embeds[mask] = gen.standard_normal((n, spec.hidden)).astype(np.float32)
+            for k in range(spec.deepstack_levels):
+                deep[k][mask] = gen.standard_normal((n, spec.hidden)).astype(np.float32)
+            pos, delta = skeleton.model.get_rope_index(
+                torch.from_numpy(ids), mm_token_type_ids=torch.from_numpy(mask.astype(np.int32)),
+                image_grid_thw=torch.tensor(grids))
+            pos, delta = pos.numpy().astype(np.int64), int(delta.reshape(-1)[0])
+        else:
+            pos, delta = np.broadcast_to(np.arange(ids.shape[1]), (3, 1, ids.shape[1])).astype(np.int64).copy(), 0
+        step_embeds = np.stack([rows[int(t)] for t in steps])[:, None, None, :].astype(np.float32)
+        cases[name] = _Case(ids, mask, grids, embeds, deep, pos, delta, steps, step_embeds)
+    return cases
+
+
+def run_onnx(path: Path, cases: dict[str, _Case], *, threads: int = 0) -> dict[str, np.ndarray]:
+    """Last-position prefill logits then each decode step's: ``[1 + DECODE_STEPS, vocab]``."""
+    from ..runtime.decoder_session import DecoderSession
+
+    session = DecoderSession(path, max_length=256, threads=threads)
+    out = {}
+    for name, c in cases.items():
+        rows = [session.prefill(c.embeds, c.positions, c.deepstack if session.has_deepstack else None)[0, -1]]
+        for t in range(DECODE_STEPS):
+            rows.append(session.step(c.step_embeds[t], c.step_positions(t))[0, -1])
+        out[name] = np.stack(rows)
+    return out
+
+
+def run_reference(model, cases: dict[str, _Case]) -> dict[str, np.ndarray]:
+    """The same calls through Hugging Face's text model and lm_head with a DynamicCache."""
     import torch
     from transformers import DynamicCache
 
-    from ..runtime.decoder_session import DecoderSession
+    lm = model.model.language_model
+    cache_kw = "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
+    out = {}
+    with torch.no_grad():
+        for name, c in cases.items():
+            cache = DynamicCache(config=model.config.text_config)
+            mask = torch.from_numpy(c.mask)
+            deep = [torch.from_numpy(c.deepstack[k][c.mask]) for k in range(c.deepstack.shape[0])] if c.mask.any() else None
+            h = lm(inputs_embeds=torch.from_numpy(c.embeds), position_ids=torch.from_numpy(c.positions),
+                   attention_mask=torch.ones(c.ids.shape, dtype=torch.long), visual_pos_masks=mask if deep else None,
+                   deepstack_visual_embeds=deep, use_cache=True, **{cache_kw: cache}).last_hidden_state
+            rows = [model.lm_head(h[:, -1]).numpy()[0]]
+            for t in range(DECODE_STEPS):
+                length = c.ids.shape[1] + t + 1
+                h = lm(inputs_embeds=torch.from_numpy(c.step_embeds[t]), position_ids=torch.from_numpy(c.step_positions(t)),
+                       attention_mask=torch.ones((1, length), dtype=torch.long), use_cache=True,
+                       **{cache_kw: cache}).last_hidden_state
+                rows.append(model.lm_head(h[:, -1]).numpy()[0])
+            out[name] = np.stack(rows)
+    return out
 
-    model, dtype = reference or _reference_model(ck)
-    image_id = ck.config.get("image_token_id", 151655)
-    vs, ve = ck.config.get("vision_start_token_id", 151652), ck.config.get("vision_end_token_id", 151653)
-    merge = ck.vision_config.get("spatial_merge_size", 2)
-    levels = len(ck.vision_config.get("deepstack_visual_indexes", []))
-    hidden = ck.text_config["hidden_size"]
-    gen = torch.Generator().manual_seed(seed)
-    grid = (1, 6, 8)
-    n_img = grid[1] * grid[2] // merge**2
-    text = torch.randint(0, 5000, (1, 8), generator=gen)
-    ids_image = torch.cat([text[:, :5], torch.tensor([[vs]]), torch.full((1, n_img), image_id), torch.tensor([[ve]]), text[:, 5:]], 1)
-    session = DecoderSession(onnx_path, max_length=256, threads=threads)
-    tol = TOLERANCES[("decoder", precision)]
-    cases, golden = {}, {}
-    embed = model.model.language_model.embed_tokens
-    for case, ids in (("text_only", text), ("image", ids_image)):
-        mask = ids == image_id
-        with torch.no_grad():
-            embeds = embed(ids).float()
-        deep = torch.zeros(levels, *embeds.shape)
-        ds_list = None
-        if mask.any():
-            feats = torch.randn(int(mask.sum()), hidden, generator=gen)
-            embeds[mask] = feats
-            ds_list = [torch.randn(int(mask.sum()), hidden, generator=gen) for _ in range(levels)]
-            for k in range(levels):
-                deep[k][mask] = ds_list[k]
-            pos, delta = model.model.get_rope_index(ids, mm_token_type_ids=mask.int(), image_grid_thw=torch.tensor([grid]))
-        else:
-            pos = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
-            delta = torch.zeros(1, 1, dtype=torch.long)
-        cache = DynamicCache(config=model.config.text_config)
-        ref_logits, ours, calls = [], [], [(embeds.numpy(), pos.numpy(), deep.numpy())]
-        with torch.no_grad():
-            out = model.model.language_model(
-                inputs_embeds=embeds.to(dtype), position_ids=pos, attention_mask=torch.ones_like(ids),
-                visual_pos_masks=mask if ds_list else None,
-                deepstack_visual_embeds=[d.to(dtype) for d in ds_list] if ds_list else None,
-                past_key_values=cache, use_cache=True,
-            )
-            ref_logits.append(model.lm_head(out.last_hidden_state[:, -1:]).float().numpy())
-        session.reset()
-        ours.append(session.run(embeds.numpy(), pos.numpy(), deep.numpy())[:, -1:])
-        if case == "image":
-            step_ids = torch.randint(0, 5000, (3,), generator=gen)
-            length = ids.shape[1]
-            for t, tok in enumerate(step_ids):
-                with torch.no_grad():
-                    e = embed(tok.view(1, 1)).float()
-                    p = torch.full((3, 1, 1), length + t) + delta
-                    o = model.model.language_model(
-                        inputs_embeds=e.to(dtype), position_ids=p, attention_mask=torch.ones(1, length + t + 1, dtype=torch.long),
-                        past_key_values=cache, use_cache=True,
-                    )
-                    ref_logits.append(model.lm_head(o.last_hidden_state).float().numpy())
-                ours.append(session.run(e.numpy(), p.numpy()))
-                calls.append((e.numpy(), p.numpy(), None))
-        cases[case] = [measure("logits", np.concatenate(ours, 1), np.concatenate(ref_logits, 1), tol, logits=True)]
-        if case == "image":
-            golden = {
-                "prefill_embeds": calls[0][0], "prefill_positions": calls[0][1], "prefill_deepstack": calls[0][2],
-                "step_embeds": np.stack([c[0] for c in calls[1:]]), "step_positions": np.stack([c[1] for c in calls[1:]]),
-                "reference_logits": np.concatenate(ref_logits, 1)[0],
-            }
-    ref_name = f"transformers Qwen3VLForConditionalGeneration ({str(dtype).replace('torch.', '')}), KV-cache prefill + decode"
-    return GraphParity("decoder", "decoder", precision, ref_name, cases, golden)
+
+def with_accuracy_level(path: Path, level: int) -> Path:
+    """A sibling of ``path`` whose quantized nodes (MatMulNBits, QMoE) compute at
+    ``accuracy_level`` ``level`` (0: fp32 activations), sharing ``path``'s external data
+    file. The caller removes it."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type in ("MatMulNBits", "QMoE"):
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = level
+    out = path.with_name(f"{path.stem}.accuracy{level}{path.suffix}")
+    onnx.save(model, str(out))
+    return out
+
+
+def verify_decoder(onnx_path: Path, ck: Checkpoint, options: DecoderOptions | str = "fp32", *, layers: int | None = None,
+                   threads: int = 0, seed: int = 5) -> GraphParity:
+    """Gate ``onnx_path``, a decoder of ``layers`` layers (default: the checkpoint's depth)
+    built with ``options``, against the fp32 oracle of the same depth.
+
+    ``logits`` (gated at the precision's tolerance, 1e-4): the graph's arithmetic against the
+    oracle. For int4 with ``accuracy_level`` > 0 this runs the same graph with fp32
+    activations (accuracy_level 0, same weight bytes), where the oracle is exact; the
+    shipped level's int8 activations are gated separately (``logits_at_accuracy_level``,
+    tolerance ``("decoder", "int4-activations")``), since their noise would hide a dropped
+    DeepStack. ``logits_vs_unrounded_fp32`` (reported): distance to the unquantized model.
+    ``golden``: the ``image`` case's inputs and oracle logits, with the tolerance the
+    graph as shipped passed."""
+    if isinstance(options, str):
+        options = DecoderOptions(precision=options)
+    onnx_path = Path(onnx_path)
+    spec = DecoderSpec.from_checkpoint(ck, 1)
+    layers = spec.layers if layers is None else layers
+    skeleton = _reference_skeleton(ck, layers)
+    cases = _cases(ck, skeleton, seed)
+    del skeleton
+    # The ONNX side first, freed before the reference loads.
+    ours = run_onnx(onnx_path, cases, threads=threads)
+    activations = options.precision == "int4" and options.accuracy_level > 0
+    exact = ours
+    if activations:
+        twin = with_accuracy_level(onnx_path, 0)
+        try:
+            exact = run_onnx(twin, cases, threads=threads)
+        finally:
+            twin.unlink(missing_ok=True)
+    model = load_text_reference(ck, layers)
+    plain = run_reference(model, cases)
+    rounded = round_like_decoder(model, options)
+    oracle = run_reference(model, cases) if rounded else plain
+    del model
+    tol = TOLERANCES[("decoder", options.precision)]
+    act_tol = TOLERANCES[("decoder", "int4-activations-moe" if ck.is_moe else "int4-activations")]
+    results = {}
+    for name in cases:
+        outs = [measure("logits", exact[name], oracle[name], tol, logits=True)]
+        if activations:
+            outs.append(measure(f"logits_at_accuracy_level_{options.accuracy_level}", ours[name], oracle[name], act_tol,
+                                logits=True))
+        if rounded:  # what the precision costs: reported, not gated
+            outs.append(measure("logits_vs_unrounded_fp32", ours[name], plain[name], float("inf"), logits=True))
+        results[name] = outs
+    golden = _golden(cases["image"], oracle["image"])
+    what = {"fp32": "fp32 weights", "fp16": "fp32 with every matrix rounded through fp16",
+            "int4": f"fp32 with {rounded} matrices quantize-dequantized (block {options.block_size})"}[options.precision]
+    ref = f"transformers {ck.architecture} text model, {layers} of {spec.layers} layers, {what}; KV-cache prefill + decode"
+    details = {"layers_checked": layers, "layers": spec.layers, "reference_dtype": "float32", "oracle": what}
+    if options.precision == "int4":
+        details["accuracy_level"] = options.accuracy_level
+    return GraphParity("decoder", "decoder", options.precision, ref, results, golden, details,
+                       golden_tolerance=act_tol if activations else tol)
+
+
+def _golden(c: _Case, logits: np.ndarray) -> dict[str, np.ndarray]:
+    return {"prefill_embeds": c.embeds, "prefill_positions": c.positions, "prefill_deepstack": c.deepstack,
+            "step_embeds": c.step_embeds, "step_positions": np.stack([c.step_positions(t) for t in range(DECODE_STEPS)]),
+            "reference_logits": logits}
+
+
+def self_golden(onnx_path: Path, ck: Checkpoint, *, threads: int = 0, seed: int = 5) -> dict[str, np.ndarray]:
+    """For a decoder gated through a truncated slice: the ``image`` case's inputs and the
+    shipped graph's own logits at compile time (``verify`` then detects any later change)."""
+    skeleton = _reference_skeleton(ck, 1)
+    c = _cases(ck, skeleton, seed)["image"]
+    return _golden(c, run_onnx(Path(onnx_path), {"image": c}, threads=threads)["image"])

@@ -35,6 +35,7 @@ import onnx_ir as ir
 
 from ..checkpoint import Checkpoint
 from ..errors import ExportError, UsageError
+from .moe import is_moe_layer, moe_kwargs, moe_mlp
 from .quantize import quantize_int4
 
 PRECISIONS = ("int4", "fp16", "fp32")
@@ -63,8 +64,6 @@ class DecoderSpec:
         t = ck.text_config
         rope = ck.rope
         head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
-        if not rope.get("mrope_interleaved", True):
-            raise ExportError("text_config rope mrope_interleaved is false: only Qwen3-VL's interleaved MRoPE is supported")
         return cls(
             hidden=t["hidden_size"],
             intermediate=t["intermediate_size"],
@@ -145,10 +144,7 @@ class _Weights:
         return ir.LazyTensor(lambda: ir.tensor(self._fp32(key)), dtype=F32, shape=ir.Shape(shape), name=suffix)
 
     def ck_shape(self, key: str) -> tuple[int, ...]:
-        from safetensors import safe_open
-
-        with safe_open(str(self.ck._weight_map()[key]), framework="pt") as f:
-            return tuple(f.get_slice(key).get_shape())
+        return self.ck.shape(key)
 
     def matmul_b(self, key: str, name: str) -> ir.TensorProtocol:
         """fp32/fp16 [K, N] (the transpose of torch's Linear weight [N, K])."""
@@ -190,12 +186,19 @@ def build_decoder_model(
     keep_lm_head_fp: bool = False,
     logits: str = "all",
     context_length: int = 8192,
+    layers: int | None = None,
 ) -> tuple[ir.Model, DecoderSpec]:
+    """``layers``: build only the first ``layers`` decoder layers (then the final norm and
+    lm_head), for the parity gate's truncated slice; default all."""
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if logits not in ("all", "last"):
         raise UsageError(f"logits {logits!r}: choose 'all' or 'last'")
     spec = DecoderSpec.from_checkpoint(ck, context_length)
+    if layers is not None:
+        if not 1 <= layers <= spec.layers:
+            raise UsageError(f"layers {layers}: the checkpoint has {spec.layers} text layers")
+        spec = dataclasses.replace(spec, layers=layers)
     W = _Weights(ck, precision, block_size)
     b = _Builder()
     nh, kvh, hd, H = spec.heads, spec.kv_heads, spec.head_dim, spec.hidden
@@ -288,10 +291,14 @@ def build_decoder_model(
             domain="com.microsoft",
             epsilon=spec.eps,
         )
-        gate = linear(h2, p + "mlp.gate_proj.weight", f"{n}/mlp/gate_proj")
-        up = linear(h2, p + "mlp.up_proj.weight", f"{n}/mlp/up_proj")
-        silu = b.op1("Mul", [gate, b.op1("Sigmoid", [gate], f"{n}/mlp/act_fn/Sigmoid")], f"{n}/mlp/act_fn/Mul")
-        down = linear(b.op1("Mul", [silu, up], f"{n}/mlp/Mul"), p + "mlp.down_proj.weight", f"{n}/mlp/down_proj")
+        if is_moe_layer(ck.text_config, i):
+            down = moe_mlp(b, h2, W, p, f"{n}/mlp", **moe_kwargs(ck.text_config), precision=precision,
+                           block_size=block_size, accuracy_level=accuracy_level)
+        else:
+            gate = linear(h2, p + "mlp.gate_proj.weight", f"{n}/mlp/gate_proj")
+            up = linear(h2, p + "mlp.up_proj.weight", f"{n}/mlp/up_proj")
+            silu = b.op1("Mul", [gate, b.op1("Sigmoid", [gate], f"{n}/mlp/act_fn/Sigmoid")], f"{n}/mlp/act_fn/Mul")
+            down = linear(b.op1("Mul", [silu, up], f"{n}/mlp/Mul"), p + "mlp.down_proj.weight", f"{n}/mlp/down_proj")
         last = i == spec.layers - 1
         nxt = "/model/norm/SkipLayerNorm" if last else f"/model/layers.{i + 1}/input_layernorm/SkipLayerNorm"
         w_next = b.init(

@@ -98,8 +98,84 @@ TINY["vision_config"].update(
     }
 )
 
-PRESETS = {"tiny": TINY, "qwen3-vl-4b": QWEN3_VL_4B}
+
+def _shape(text: dict, vision: dict | None = None, *, tied: bool, moe: dict | None = None) -> dict:
+    """An official shape: the 4B config with the published text (and vision) values."""
+    cfg = copy.deepcopy(QWEN3_VL_4B)
+    cfg["tie_word_embeddings"] = cfg["text_config"]["tie_word_embeddings"] = tied
+    cfg["text_config"].update(text)
+    cfg["vision_config"].update(vision or {})
+    cfg["vision_config"]["out_hidden_size"] = cfg["text_config"]["hidden_size"]
+    if moe is not None:
+        cfg["architectures"] = ["Qwen3VLMoeForConditionalGeneration"]
+        cfg["model_type"] = "qwen3_vl_moe"
+        cfg["text_config"].update({"model_type": "qwen3_vl_moe_text", "decoder_sparse_step": 1, "mlp_only_layers": [],
+                                   "norm_topk_prob": True, **moe})
+        cfg["vision_config"]["model_type"] = "qwen3_vl_moe_vision"
+    return cfg
+
+
+# The 27-block, 1152-wide vision tower of 8B, 32B and the MoE models.
+_VISION_LARGE = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "deepstack_visual_indexes": [8, 16, 24]}
+
+QWEN3_VL_2B = _shape({"hidden_size": 2048, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+                      "intermediate_size": 6144}, tied=True)
+QWEN3_VL_8B = _shape({"hidden_size": 4096, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+                      "intermediate_size": 12288}, _VISION_LARGE, tied=False)
+QWEN3_VL_32B = _shape({"hidden_size": 5120, "num_hidden_layers": 64, "num_attention_heads": 64, "num_key_value_heads": 8,
+                       "intermediate_size": 25600}, _VISION_LARGE, tied=False)
+QWEN3_VL_30B_A3B = _shape({"hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+                           "intermediate_size": 6144}, _VISION_LARGE, tied=False,
+                          moe={"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768})
+QWEN3_VL_235B_A22B = _shape({"hidden_size": 4096, "num_hidden_layers": 94, "num_attention_heads": 64, "num_key_value_heads": 4,
+                             "intermediate_size": 12288}, _VISION_LARGE, tied=False,
+                            moe={"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1536})
+
+# Every official shape, random weights (for benchmarks and reduced-depth parity). NAME:N is
+# the same shape with only its first N text layers (see preset_config).
+OFFICIAL = {
+    "qwen3-vl-2b": QWEN3_VL_2B,
+    "qwen3-vl-4b": QWEN3_VL_4B,
+    "qwen3-vl-8b": QWEN3_VL_8B,
+    "qwen3-vl-32b": QWEN3_VL_32B,
+    "qwen3-vl-30b-a3b": QWEN3_VL_30B_A3B,
+    "qwen3-vl-235b-a22b": QWEN3_VL_235B_A22B,
+}
+# The embedded MoE test model: the tiny shape with every layer sparse (8 experts, top-2).
+TINY_MOE = _shape({k: TINY["text_config"][k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                       "num_attention_heads", "num_key_value_heads", "head_dim",
+                                                       "initializer_range", "rope_parameters")},
+                  {k: TINY["vision_config"][k] for k in ("depth", "hidden_size", "num_heads", "intermediate_size",
+                                                         "deepstack_visual_indexes", "initializer_range")},
+                  tied=True, moe={"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64})
+
+# Presets small enough to build in memory (std-0.2 weights, for parity tests).
+SMALL = {"tiny": TINY, "tiny-moe": TINY_MOE}
+PRESETS = {**SMALL, **OFFICIAL}
+
+
+def split_preset(name: str) -> tuple[str, int | None] | None:
+    """``qwen3-vl-8b`` -> (name, None); ``qwen3-vl-8b:4`` -> (name, 4); not a preset -> None."""
+    base, sep, layers = name.partition(":")
+    if base not in PRESETS or (sep and base not in OFFICIAL):
+        return None
+    if not sep:
+        return base, None
+    if not layers.isdigit() or not 1 <= int(layers) <= PRESETS[base]["text_config"]["num_hidden_layers"]:
+        return None
+    return base, int(layers)
+
+
+def is_preset(name: str) -> bool:
+    return split_preset(name) is not None
 
 
 def preset_config(name: str) -> dict:
-    return copy.deepcopy(PRESETS[name])
+    parsed = split_preset(name)
+    if parsed is None:
+        raise KeyError(name)
+    base, layers = parsed
+    cfg = copy.deepcopy(PRESETS[base])
+    if layers is not None:
+        cfg["text_config"]["num_hidden_layers"] = layers
+    return cfg

@@ -7,6 +7,7 @@ a temporary directory that is renamed into place, so an interrupted build leaves
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..tokens import SPECIAL_TOKENS
-from .configs import preset_config
+from .configs import SMALL, preset_config
 
 GENERATOR_VERSION = 1
 TINY_SEED = 1234
@@ -59,16 +60,16 @@ def _key(name: str, seed: int) -> str:
 def materialize_preset(name: str, cache_dir: Path | None = None, *, seed: int = TINY_SEED, log=None) -> Path:
     """Return a checkpoint directory for preset ``name``, building it once if needed."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = cache_dir / f"{name}-{_key(name, seed)}"
+    target = cache_dir / f"{name.replace(':', '-L')}-{_key(name, seed)}"
     if (target / "config.json").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_dir))
     try:
         if log:
             log(f"building the {name!r} preset checkpoint (random weights, seed {seed}) in {target}")
-        if name == "tiny":
-            _write_tiny(tmp, seed)
+        if name in SMALL:
+            build_random_model(preset_config(name), seed).save_pretrained(tmp, safe_serialization=True)
         else:
             _write_random_large(tmp, name, seed)
         write_tokenizer_files(tmp)
@@ -104,18 +105,21 @@ def write_tokenizer_files(out: Path) -> None:
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
-def build_tiny_model(seed: int = TINY_SEED):
-    """The embedded model, in memory, with large random weights (REFERENCE section 5).
-
-    Norm weights and biases are randomised too (Hugging Face initialises them to 1 and 0),
-    so a weight that an export forgets to load changes the outputs.
-    """
+def build_random_model(values: dict, seed: int = TINY_SEED, *, std: float | None = None):
+    """A Qwen3-VL model (dense or MoE, from its ``architectures``) in memory, with random
+    weights. Norm weights and biases are randomised too (Hugging Face initialises them to 1
+    and 0), so a weight that an export forgets to load changes the outputs. ``std``
+    overrides the config's ``initializer_range``."""
     import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    import transformers
 
-    config = Qwen3VLConfig(**preset_config("tiny"))
+    values = copy.deepcopy(values)
+    if std is not None:
+        values["text_config"]["initializer_range"] = values["vision_config"]["initializer_range"] = std
+    arch = values["architectures"][0]
+    config = getattr(transformers, arch.replace("ForConditionalGeneration", "Config"))(**values)
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    model = getattr(transformers, arch)(config).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -126,20 +130,39 @@ def build_tiny_model(seed: int = TINY_SEED):
     return model
 
 
-def _write_tiny(out: Path, seed: int) -> None:
-    model = build_tiny_model(seed)
-    model.save_pretrained(out, safe_serialization=True)
+def build_tiny_model(seed: int = TINY_SEED):
+    """The embedded model, in memory, with large random weights (REFERENCE section 5)."""
+    return build_random_model(preset_config("tiny"), seed)
+
+
+def write_checkpoint(out: Path, model, *, dtype=None, max_shard_size: str | int | None = None,
+                     generation: dict | None = None) -> Path:
+    """Save ``model`` as a Hugging Face checkpoint directory the way the Hub ships one:
+    weights (optionally cast, e.g. to bf16, and sharded with ``model.safetensors.index.json``),
+    tokenizer and chat template, preprocessor and generation config."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    model.save_pretrained(out, safe_serialization=True, **kwargs)
+    write_tokenizer_files(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(generation or GENERATION_CONFIG, indent=2))
+    return out
 
 
 def _write_random_large(out: Path, name: str, seed: int, shard_bytes: int = 2 << 30) -> None:
     """Random bf16 weights written tensor by tensor: memory stays at one shard, not the model."""
     import torch
+    import transformers
     from safetensors.torch import save_file
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    config = Qwen3VLConfig(**preset_config(name))
+    values = preset_config(name)
+    arch = values["architectures"][0]
+    config = getattr(transformers, arch.replace("ForConditionalGeneration", "Config"))(**values)
     with torch.device("meta"):
-        meta = Qwen3VLForConditionalGeneration(config)
+        meta = getattr(transformers, arch)(config)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     shapes = [(k, tuple(v.shape)) for k, v in meta.state_dict().items() if k not in tied]
     del meta

@@ -19,23 +19,20 @@ class FallbackVision:
         try:
             import torch
             from safetensors.torch import load_file
-            from transformers import Qwen3VLConfig
-            from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+            from ..vision_tower import build_vision_tower
         except ImportError as e:
             raise BundleError(
                 f"this image size has no bucket and the PyTorch fallback needs torch and transformers ({e}); "
                 "install qwen3vl-compile[compile], or use --on-miss fit"
             ) from None
         self.torch = torch
-        config = Qwen3VLConfig(**json.loads(Path(config_path).read_text()))
-        with torch.device("meta"):
-            model = Qwen3VLVisionModel(config.vision_config)
+        config = json.loads(Path(config_path).read_text())
         state = {k: v.to(torch.float32) for k, v in load_file(str(weights_path)).items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        inv_freq, _ = model.rotary_pos_emb.compute_axial_rope_parameters(config.vision_config)
-        model.rotary_pos_emb.inv_freq = inv_freq
-        model.rotary_pos_emb.original_inv_freq = inv_freq.clone()
-        self.model = model.eval()
+        try:
+            self.model = build_vision_tower(config, state)
+        except KeyError as e:
+            raise BundleError(f"{weights_path}: vision weights missing: {e}") from None
 
     def run(self, pixel_values: np.ndarray, grid_thw) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch

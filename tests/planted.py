@@ -1,0 +1,22 @@
+"""Bugs planted on purpose, to prove that a check sees them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def swap_mrope_streams(model):
+    """Every MRotaryEmbedding of an onnx-ir decoder reads ``position_ids`` with the H and W
+    streams swapped (a wrong interleave)."""
+    import onnx_ir as ir
+
+    g = model.graph
+    pos = next(v for v in g.inputs if v.name == "position_ids")
+    idx = ir.Value(name="planted_swap_idx", const_value=ir.tensor(np.array([0, 2, 1], np.int64)))
+    g.register_initializer(idx)
+    gather = ir.node("Gather", [pos, idx], attributes={"axis": 0}, name="planted_swap")
+    g.insert_before(g[0], gather)
+    for node in list(g):
+        if node.op_type == "MRotaryEmbedding":
+            node.replace_input_with(1, gather.outputs[0])
+    return model

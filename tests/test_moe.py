@@ -1,0 +1,108 @@
+"""Qwen3-VL MoE (``Qwen3VLMoeForConditionalGeneration``) end to end on the tiny MoE preset
+(8 experts, top-2, every layer sparse, three DeepStack levels, std-0.2 weights)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen3vl_compile import Pipeline
+from qwen3vl_compile.checkpoint import Checkpoint, resolve_model_source
+from qwen3vl_compile.cli import main as compile_main
+
+from qwen3vl_compile.hf_reference import make_hf_generate
+
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def moe_path():
+    return resolve_model_source("tiny-moe")
+
+
+@pytest.fixture(scope="module")
+def hf_moe(moe_path):
+    return Checkpoint.open(moe_path).load_full_model()
+
+
+def test_vision_tower_is_the_dense_class_on_moe_weights(moe_path, hf_moe):
+    """The compiler builds every vision tower as Qwen3VLVisionModel (the class the patches
+    target): on MoE weights it equals Qwen3VLMoeVisionModel."""
+    visual = Checkpoint.open(moe_path).load_vision_tower()
+    assert type(hf_moe.model.visual).__name__ == "Qwen3VLMoeVisionModel"
+    grid = torch.tensor([[1, 8, 12], [1, 6, 6]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), 1536, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, ref = visual(pixels, grid_thw=grid), hf_moe.model.visual(pixels, grid_thw=grid)
+    assert torch.equal(ours.pooler_output, ref.pooler_output)
+    assert all(torch.equal(a, b) for a, b in zip(ours.deepstack_features, ref.deepstack_features))
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe") / "bundle"
+    assert compile_main(["--model", "tiny-moe", "--buckets", "448", "--precision", "fp32", "-o", str(out), "-q"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    out = []
+    for (w, h), seed in [((448, 448), 0), ((320, 480), 1)]:
+        arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        out.append(d / f"{seed}.png")
+        Image.fromarray(arr).save(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("case", ["one_image", "two_images", "text_only"])
+def test_greedy_tokens_equal_hf_generate(fp32_bundle, moe_path, hf_moe, images, case):
+    paths = {"one_image": images[:1], "two_images": images, "text_only": []}[case]
+    prompt = "What is in this picture?" if paths else "Tell me about the mountains."
+    ref = make_hf_generate(moe_path, hf_moe)(paths, prompt, NEW_TOKENS)
+    assert len(ref) >= NEW_TOKENS, "reference stopped early: pick another prompt"
+    got = Pipeline.load(fp32_bundle, threads=2).generate(images=paths, prompt=prompt, max_new_tokens=NEW_TOKENS)
+    assert got.token_ids == ref
+
+
+def test_fp32_bundle_records_the_moe_graph(fp32_bundle):
+    m = json.loads((fp32_bundle / "manifest.json").read_text())
+    assert m["source"]["architecture"] == "Qwen3VLMoeForConditionalGeneration"
+    d = m["parity"]["decoder"]
+    assert d["passed"] and d["layers_checked"] == d["layers"] == 4
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(fp32_bundle / "decoder.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MoE") == 4 and "QMoE" not in ops
+
+
+def test_int4_moe_is_gated(tmp_path):
+    """Default precision: QMoE experts, gated exactly at fp32 activations and within the
+    measured MoE tolerance at accuracy level 4."""
+    out = tmp_path / "bundle"
+    assert compile_main(["--model", "tiny-moe", "--graphs", "decoder", "-o", str(out), "-q"]) == 0
+    d = json.loads((out / "manifest.json").read_text())["parity"]["decoder"]
+    assert d["passed"] and d["accuracy_level"] == 4
+    for case in d["cases"].values():
+        assert case["logits"]["max_rel"] < 1e-5
+        assert case["logits_at_accuracy_level_4"]["tolerance_max_rel"] == 0.45
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph.node]
+    assert ops.count("QMoE") == 4
+
+
+def test_moe_decoder_without_deepstack_fails_the_compile(tmp_path, monkeypatch, capsys):
+    import qwen3vl_compile.passes as passes
+    from qwen3vl_compile.passes.insert_deepstack import InsertDeepStackPass
+
+    real = passes.decoder_passes
+    monkeypatch.setattr(passes, "decoder_passes", lambda spec: tuple(p for p in real(spec) if not isinstance(p, InsertDeepStackPass)))
+    out = tmp_path / "bundle"
+    assert compile_main(["--model", "tiny-moe", "--graphs", "decoder", "-o", str(out), "-q"]) == 1
+    assert "decoder [image] logits" in capsys.readouterr().err and not out.exists()
