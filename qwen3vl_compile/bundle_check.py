@@ -35,6 +35,8 @@ def load_manifest(root: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}: unreadable ({e})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: not a JSON object (not a qwen3vl-compile manifest)")
     if manifest.get("schema") != SCHEMA:
         raise BundleError(f"{path}: schema {manifest.get('schema')!r} is not {SCHEMA!r}")
     return manifest
@@ -79,6 +81,8 @@ def open_checked(root: Path, *, skip_hash_check: bool = False) -> dict:
     check_manifest_integrity(root, manifest)
     problems = check_files(root, manifest, hashes=not skip_hash_check)
     if problems:
+        # Only a changed file's content can be skipped over; a missing one cannot.
+        hint = not skip_hash_check and all(": missing" not in p and "not listed" not in p for p in problems)
         raise BundleError(f"{root}: bundle check failed: " + "; ".join(problems) + (
-            "" if skip_hash_check else " (use --skip-hash-check to run anyway)"))
+            " (use --skip-hash-check to run anyway)" if hint else ""))
     return manifest

@@ -65,7 +65,7 @@ def inspect(root: Path) -> int:
 
 def verify(root: Path, *, threads: int = 0) -> int:
     from .bundle_check import check_files, check_manifest_integrity, load_manifest
-    from .bundle_golden import check_golden
+    from .bundle_golden import ort_session, check_golden, check_interface
 
     m = load_manifest(root)
     check_manifest_integrity(root, m)
@@ -76,14 +76,27 @@ def verify(root: Path, *, threads: int = 0) -> int:
         print(f"verify: {len(problems)} file problem(s); graphs were not run")
         return 1
     print(f"files: {len(m['files'])} ok (sizes and sha256 match the manifest)")
+    known = set(m["files"]) | {"manifest.json"}
+    for p in sorted(Path(root).rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in known:
+            print(f"UNKNOWN  {rel}: not written by the compiler (the manifest does not list it)")
     rows, ok = [], True
-    for name in m.get("graphs", {}):
+    for name, graph in m.get("graphs", {}).items():
+        session = ort_session(Path(root) / graph["file"], threads)
+        problems = check_interface(session, m, name)
+        for p in problems:
+            rows.append((name, "interface", "-", "-", f"FAIL ({p})"))
+        ok &= not problems
         entry = m.get("parity", {}).get(name, {})
         if "golden" not in entry:
+            if str(entry.get("golden_source", "")).startswith("not recorded"):
+                rows.append((name, "-", "-", "-", f"no golden: {entry['golden_source']}"))
+                continue
             rows.append((name, "-", "-", "-", "no golden (compiled with --no-verify)"))
             ok = False
             continue
-        res = check_golden(root, m, name, threads=threads)
+        res = check_golden(root, m, name, threads=threads, session=session)
         for o in res.cases["golden"]:
             status = "ok" if o.passed else "FAIL"
             ok &= o.passed
@@ -96,7 +109,15 @@ def verify(root: Path, *, threads: int = 0) -> int:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog=f"qwen3vl-compile {argv[0]}")
+    from .cli_io import run_cli
+
+    return run_cli(lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
+    from .cli_io import OneLineParser
+
+    p = OneLineParser(prog=f"qwen3vl-compile {argv[0]}")
     p.add_argument("bundle", type=Path)
     if argv[0] == "verify":
         p.add_argument("--threads", type=int, default=0)

@@ -23,7 +23,7 @@ def golden_tolerance(kind: str, precision: str, compile_rel: float) -> float:
     return float(f"{max(compile_rel * 1.25, compile_rel + 1e-3):.3e}")
 
 
-def _session(path: Path, threads: int):
+def ort_session(path: Path, threads: int):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -32,7 +32,45 @@ def _session(path: Path, threads: int):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def check_golden(root: Path, manifest: dict, name: str, *, threads: int = 0) -> GraphParity:
+def check_interface(session, manifest: dict, name: str) -> list[str]:
+    """The graph's real inputs and outputs (names, dtypes, static dims) against the
+    manifest's claims, and a bucket graph's shapes against its bucket's grid: one message
+    per mismatch."""
+    graph = manifest["graphs"][name]
+    problems = []
+    for side, values in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        if graph.get(side) is None:
+            continue
+        real = {}
+        for v in values:
+            key = v.name
+            for prefix in ("past_key_values.", "present."):
+                if key.startswith(prefix):
+                    key = prefix + "{i}." + key.rsplit(".", 1)[1]
+            real.setdefault(key, v)
+        claimed = {c["name"]: c for c in graph[side]}
+        if set(real) != set(claimed):
+            problems.append(f"{name}: {side} are {sorted(real)}, the manifest says {sorted(claimed)}")
+            continue
+        for key, c in claimed.items():
+            shape = real[key].shape
+            for i, d in enumerate(c.get("shape") or []):
+                if isinstance(d, int) and (i >= len(shape) or shape[i] != d):
+                    problems.append(f"{name}: {side[:-1]} {key} has shape {shape}, the manifest says {c['shape']}")
+                    break
+    for b in manifest.get("buckets", []):
+        if b.get("graph") == graph["file"]:
+            t, h, w = b["grid_thw"]
+            rows = {v.name: v.shape for v in (*session.get_inputs(), *session.get_outputs())}
+            want = {"pixel_values": t * h * w, "image_features": b["num_tokens"]}
+            for key, n in want.items():
+                if key in rows and rows[key] and rows[key][0] != n:
+                    problems.append(f"{name}: {key} has {rows[key][0]} rows but bucket {b['name']} (grid {h}x{w}) needs {n}")
+    return problems
+
+
+def check_golden(root: Path, manifest: dict, name: str, *, threads: int = 0, session=None) -> GraphParity:
+    """``session``: an already created ONNX Runtime session of the graph (else one is made)."""
     root = Path(root)
     graph = manifest["graphs"][name]
     entry = manifest["parity"][name]["golden"]
@@ -41,18 +79,19 @@ def check_golden(root: Path, manifest: dict, name: str, *, threads: int = 0) -> 
     path = root / graph["file"]
     kind = graph["kind"]
     packing = graph.get("deepstack_packing")
+    session = session or ort_session(path, threads)
     if kind == "vision":
         from .export.vision import pixel_values_from_u8
 
         inputs = {"pixel_values": pixel_values_from_u8(data["pixel_u8"])}
         if graph.get("dynamic"):  # the any-size graph also takes the grid(s) it was checked on
             inputs["image_grid_thw"] = data["image_grid_thw"].astype(np.int64)
-        feats, deep = _run(_session(path, threads), ["image_features", "deepstack_features"], inputs, packing)
+        feats, deep = _run(session, ["image_features", "deepstack_features"], inputs, packing)
         outs = [measure("image_features", feats, data["image_features"], tol),
                 measure("deepstack_features", deep, data["deepstack_features"], tol)]
     elif kind == "embedding":
         embeds, deep = _run(
-            _session(path, threads),
+            session,
             ["inputs_embeds", "deepstack_embeds"],
             {k: data[k] for k in ("input_ids", "image_features", "deepstack_features")},
             packing,
@@ -62,7 +101,7 @@ def check_golden(root: Path, manifest: dict, name: str, *, threads: int = 0) -> 
     elif kind == "decoder":
         from .runtime.decoder_session import DecoderSession
 
-        s = DecoderSession(path, max_length=256, session=_session(path, threads),
+        s = DecoderSession(path, max_length=256, session=session,
                            packed_levels=packing["levels"] if packing else 0)
         logits = [s.run(data["prefill_embeds"], data["prefill_positions"], data["prefill_deepstack"])[0, -1]]
         for e, p in zip(data["step_embeds"], data["step_positions"]):

@@ -30,7 +30,11 @@ TEXT_PREFIXES = ("model.language_model.", "model.", "language_model.model.")
 def resolve_model_source(spec: str, *, cache_dir: Path | None = None, log=None) -> Path:
     """``tiny`` / ``qwen3-vl-4b`` / ``qwen3-vl-8b:4`` -> a materialised preset; anything else must be a directory."""
     if is_preset(spec):
-        return materialize_preset(spec, cache_dir, log=log)
+        try:
+            return materialize_preset(spec, cache_dir, log=log)
+        except OSError as e:
+            where = e.filename or cache_dir or "the cache directory"
+            raise LoadError(f"cannot write the {spec!r} preset to {where}: {e.strerror or e} (set --cache-dir)") from None
     path = Path(spec).expanduser()
     if not path.exists():
         presets = ", ".join(sorted(PRESETS))

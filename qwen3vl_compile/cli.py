@@ -12,11 +12,12 @@ from pathlib import Path
 
 from .buckets import DYNAMIC, parse_buckets
 from .config import GRAPH_KINDS, PRECISIONS, TARGETS, CompileConfig
+from .cli_io import OneLineParser, run_cli
 from .errors import Qwen3VLCompileError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="qwen3vl-compile",
         description="Compile a Hugging Face Qwen3-VL checkpoint into a verified, bucketed ONNX bundle.",
     )
@@ -53,7 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         from . import bundle_cli
 
         return bundle_cli.main(argv)
+    return run_cli(lambda: _compile(argv))
+
+
+def _compile(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if args.quiet:  # upstream deprecation notices are not the user's business in quiet mode
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         buckets = args.buckets
         if args.target == "ort-genai" and DYNAMIC not in [b.strip().lower() for b in buckets.split(",")]:

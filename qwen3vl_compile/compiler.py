@@ -16,7 +16,7 @@ from pathlib import Path
 from .bundle import BundleWriter
 from .checkpoint import Checkpoint, resolve_model_source
 from .config import CompileConfig
-from .errors import LoadError, VerifyError
+from .errors import LoadError, UsageError, VerifyError
 from .manifest import hash_files, new_manifest, write_manifest
 from .presets import is_preset
 from .progress import Progress
@@ -324,13 +324,33 @@ def _write_fallback_weights(ck: Checkpoint, staging: Path) -> dict:
 
 
 def _check_bucket_geometry(ck: Checkpoint, cfg: CompileConfig) -> None:
+    """Options that depend on the checkpoint, refused before any export: buckets parsed for
+    another patch size, buckets larger than any image the processor produces or whose
+    export cannot fit this machine's memory, a context beyond the model's positions."""
+    from .buckets import split_buckets
+    from .runtime.preprocess import ProcessorConfig
+
     v = ck.vision_config
-    patch, merge = v.get("patch_size", 16), v.get("spatial_merge_size", 2)
+    patch, merge = v["patch_size"], v["spatial_merge_size"]
     for b in cfg.buckets:
         if (b.patch_size, b.merge_size) != (patch, merge):
             raise LoadError(
                 f"checkpoint has patch {patch} / merge {merge}; buckets were parsed for {b.patch_size} / {b.merge_size}"
             )
+    max_pixels = ProcessorConfig.from_dict(ck.preprocessor).max_pixels
+    avail = _available_memory()
+    for b in split_buckets(cfg.buckets)[0] if "vision" in cfg.graphs else ():
+        if b.height * b.width > max_pixels:
+            raise UsageError(f"--buckets {b.name}: {b.height * b.width} pixels, above the checkpoint's max_pixels "
+                             f"{max_pixels} (preprocessor_config.json): no image is ever that large")
+        # Attention scores of one image: heads x patches^2 fp32, several live at once.
+        need = 3 * 4 * v["num_heads"] * b.num_patches**2
+        if avail is not None and need > avail:
+            raise UsageError(f"--buckets {b.name}: exporting it needs about {need / 2**30:.0f} GiB for attention alone, "
+                             f"more than this machine's {avail / 2**30:.0f} GiB available")
+    max_pos = ck.text_config.get("max_position_embeddings")
+    if "decoder" in cfg.graphs and max_pos and cfg.context_length > max_pos:
+        raise UsageError(f"--context-length {cfg.context_length}: above the model's max_position_embeddings {max_pos}")
 
 
 def _quiet_libraries(verbose: bool) -> None:

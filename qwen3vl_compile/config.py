@@ -45,6 +45,8 @@ class CompileConfig:
             raise UsageError(f"--block-size {self.block_size}: choose 16, 32, 64, 128 or 256")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"--accuracy-level {self.accuracy_level}: choose 0..4")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise UsageError(f"--threads {self.threads}: must be 0 (the library default) or more")
         if self.context_length < 64:
             raise UsageError(f"--context-length {self.context_length}: must be at least 64")
         if self.embedding_precision not in ("auto", "fp32", "int4"):

@@ -70,3 +70,9 @@ class RuntimeInputError(Qwen3VLCompileError):
 
     stage = "input"
     exit_code = 2
+
+
+class GenerationError(Qwen3VLCompileError):
+    """Generation cannot go on (the decoder returned NaN or inf logits, say)."""
+
+    stage = "generate"

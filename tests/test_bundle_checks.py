@@ -117,6 +117,32 @@ def test_verify_catches_a_wrong_golden_result(bundle, capsys):
     assert rc == 1 and "vision_224" in out.out and "FAIL" in out.out
 
 
+def test_verify_checks_interfaces_and_lists_stray_files(bundle, capsys):
+    """A manifest whose claims were edited and re-hashed (bucket 448 said to be 480) fails on
+    the graph's real interface; files the manifest does not know are listed."""
+    from qwen3vl_compile.manifest import write_manifest
+
+    (bundle / "notes.txt").write_text("mine")
+    rc, out = _verify(bundle, capsys)
+    assert rc == 0 and "UNKNOWN  notes.txt" in out.out
+    m = json.loads((bundle / "manifest.json").read_text())
+    b448 = next(b for b in m["buckets"] if b["name"] == "448")
+    b448.update(height=480, width=480, grid_thw=[1, 30, 30], num_tokens=225)
+    write_manifest(bundle, m)
+    rc, out = _verify(bundle, capsys)
+    assert rc == 1 and "pixel_values has 784 rows but bucket 448 (grid 30x30) needs 900" in out.out
+    m["graphs"]["decoder"]["outputs"][0]["name"] = "logits_renamed"
+    write_manifest(bundle, m)
+    rc, out = _verify(bundle, capsys)
+    assert rc == 1 and "decoder: outputs are" in out.out and "logits_renamed" in out.out
+
+
+def test_hints_only_what_helps(bundle, capsys):
+    (bundle / "vision_224.onnx").unlink()
+    assert run_main([str(bundle), "--prompt", "hi"]) == 1
+    assert "--skip-hash-check" not in capsys.readouterr().err  # a missing file cannot be skipped over
+
+
 TORCH_FREE = textwrap.dedent(
     """
     import sys

@@ -114,3 +114,50 @@ def test_prompt_longer_than_context(bundle, capsys):
     long_prompt = " ".join(["word"] * 9000)
     assert run_main([str(bundle), "--prompt", long_prompt]) == 2
     assert "longer than the bundle's context of 8192" in capsys.readouterr().err
+
+
+def test_multimodal_placeholders_are_never_generated(pipe, images, monkeypatch):
+    """Even when the model's favourite token is <|image_pad|> (or <|video_pad|>), greedy and
+    sampled decoding pick another one and generation goes on (the embedding graph has no
+    image row to put in its place)."""
+    real = pipe.decoder.run
+    pads = sorted(i for i in pipe.placeholder_ids if i is not None)
+    assert {151655, 151656, 151654} <= set(pads)
+
+    def run(*a, **k):
+        logits = real(*a, **k).copy()
+        logits[0, -1, pads] = logits[0, -1].max() + 50.0
+        return logits
+
+    monkeypatch.setattr(pipe.decoder, "run", run)
+    for kw in ({}, {"temperature": 1.0, "seed": 3}):
+        result = pipe.generate(images=[images["sq448"]], prompt="Describe", max_new_tokens=20, **kw)
+        assert len(result.token_ids) + (result.stopped == "stop_token") >= 1
+        assert not set(result.token_ids) & set(pads)
+
+
+def test_nan_logits_stop_with_one_line_naming_the_step(pipe, bundle, images, monkeypatch, capsys):
+    from qwen3vl_compile.errors import GenerationError
+
+    real, calls = pipe.decoder.run, []
+
+    def run(*a, **k):
+        calls.append(1)
+        logits = real(*a, **k)
+        return np.full_like(logits, np.nan) if len(calls) == 3 else logits
+
+    monkeypatch.setattr(pipe.decoder, "run", run)
+    with pytest.raises(GenerationError, match=r"\[generate\] step 2: the decoder returned NaN or inf logits"):
+        pipe.generate(images=[images["sq448"]], prompt="Describe", max_new_tokens=8)
+
+
+def test_context_is_checked_before_any_vision_work(pipe, images, monkeypatch):
+    from qwen3vl_compile.errors import RuntimeInputError
+
+    def never(*a, **k):
+        raise AssertionError("the vision graph ran before the context check")
+
+    monkeypatch.setattr(pipe, "context_length", 150)  # one 448 image alone is 196 tokens
+    monkeypatch.setattr(pipe.vision, "encode", never)
+    with pytest.raises(RuntimeInputError, match="longer than the bundle's context of 150"):
+        pipe.generate(images=[images["sq448"]], prompt="Describe", max_new_tokens=8)

@@ -14,7 +14,9 @@ from ..errors import Qwen3VLCompileError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen3vl-run", description="Answer a prompt about image(s) with a compiled bundle.")
+    from ..cli_io import OneLineParser
+
+    p = OneLineParser(prog="qwen3vl-run", description="Answer a prompt about image(s) with a compiled bundle.")
     p.add_argument("bundle", help="bundle directory written by qwen3vl-compile")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     p.add_argument("--prompt", required=True)
@@ -33,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from ..cli_io import run_cli
+
+    return run_cli(lambda: _run(argv))
+
+
+def _run(argv) -> int:
     args = _parser().parse_args(argv)
     try:
         from .pipeline import Pipeline
@@ -53,8 +61,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\nqwen3vl-run: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
-        return 0
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:

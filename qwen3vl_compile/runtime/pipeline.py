@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..bundle_check import open_checked
-from ..errors import BundleError, RuntimeInputError
+from ..errors import BundleError, GenerationError, RuntimeInputError
 from .chat import ChatFormatter
 from .decoder_session import DecoderSession
 from .preprocess import ProcessorConfig, load_image, preprocess
@@ -46,6 +46,9 @@ class Pipeline:
     def __init__(self, root: Path, manifest: dict, *, threads: int = 0, on_miss: str = "fallback"):
         import onnxruntime as ort
 
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise RuntimeInputError(f"threads must be a whole number >= 0 (0: all cores), got {threads!r}")
+
         self.root = Path(root)
         self.manifest = manifest
         self.threads = threads
@@ -59,6 +62,8 @@ class Pipeline:
         self.image_token_id = self.config.get("image_token_id", 151655)
         self.video_token_id = self.config.get("video_token_id", 151656)
         self.merge = self.config.get("vision_config", {}).get("spatial_merge_size", 2)
+        # Never generated (see Sampler): the image/video pads and <|vision_pad|>.
+        self.placeholder_ids = {self.image_token_id, self.video_token_id, self.chat.tokenizer.token_to_id("<|vision_pad|>")}
 
         def session(path):
             opts = ort.SessionOptions()
@@ -96,6 +101,7 @@ class Pipeline:
         seed: int | None = None,
         stream: bool = False,
     ):
+        images = _check_api_inputs(images, prompt, system, max_new_tokens)
         gen = self._generate(images, prompt, system, max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed))
         if stream:
             return gen
@@ -104,41 +110,46 @@ class Pipeline:
         return self.last_result
 
     # -- steps ------------------------------------------------------------------------
-    def _encode_images(self, images) -> tuple[list, list[dict], dict]:
-        encoded, info, timings = [], [], {"preprocess_s": 0.0, "vision_s": 0.0}
+    def _preprocess_images(self, images) -> tuple[list, list[dict], dict]:
+        """Decode, resize and patch every image (no vision graph yet): the token count is
+        known before any expensive work."""
+        processed_all, info, timings = [], [], {"preprocess_s": 0.0, "vision_s": 0.0}
         for i, image in enumerate(images):
             t = time.perf_counter()
             pil = load_image(image)
             processed = preprocess(pil, self.processor)
-            note = None
+            entry = {"index": i}
             if self.vision.bucket_for_grid(processed.grid_thw) is None and self.vision.on_miss == "fit":
                 b = nearest_bucket(self.vision.buckets, *processed.original)
                 processed = preprocess(pil, self.processor, size=(b.height, b.width))
-                note = f"resized from {processed.original[1]}x{processed.original[0]} to bucket {b.name}"
+                entry["fit"] = f"resized from {processed.original[1]}x{processed.original[0]} to bucket {b.name}"
             timings["preprocess_s"] += time.perf_counter() - t
+            processed_all.append(processed)
+            info.append({**entry, "grid_thw": list(processed.grid_thw), "tokens": processed.num_tokens})
+        return processed_all, info, timings
+
+    def _encode_images(self, processed_all, info: list[dict], timings: dict) -> list:
+        encoded = []
+        for processed, entry in zip(processed_all, info):
             result = self.vision.encode(processed.pixel_values, processed.grid_thw)
             timings["vision_s"] += result.seconds
             encoded.append((processed, result))
-            entry = {"index": i, "grid_thw": list(processed.grid_thw), "tokens": processed.num_tokens,
-                     "served_by": result.served_by, "vision_s": round(result.seconds, 4)}
-            if note:
-                entry["fit"] = note
-            info.append(entry)
-        return encoded, info, timings
+            entry.update(served_by=result.served_by, vision_s=round(result.seconds, 4))
+        return encoded
 
     def _generate(self, images, prompt: str, system, max_new_tokens: int, sampling: SamplingConfig) -> Iterator[str]:
         if max_new_tokens < 1:
             raise RuntimeInputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         t_start = time.perf_counter()
-        sampler = Sampler(sampling)
-        encoded, image_info, timings = self._encode_images(list(images))
-        counts = [p.num_tokens for p, _ in encoded]
-        input_ids = self.chat.encode(prompt, counts, system)
+        sampler = Sampler(sampling, banned=self.placeholder_ids)
+        processed, image_info, timings = self._preprocess_images(list(images))
+        input_ids = self.chat.encode(prompt, [p.num_tokens for p in processed], system)
         n_prompt = input_ids.shape[1]
-        if n_prompt >= self.context_length:
+        if n_prompt >= self.context_length:  # refused before any vision work
             raise RuntimeInputError(
                 f"prompt with image tokens is {n_prompt} tokens, longer than the bundle's context of {self.context_length}"
             )
+        encoded = self._encode_images(processed, image_info, timings)
         n_pads = int((input_ids == self.image_token_id).sum())
         n_rows = sum(r.image_features.shape[0] for _, r in encoded)
         if n_pads != n_rows:
@@ -166,6 +177,10 @@ class Pipeline:
         t_dec = time.perf_counter()
         no_images = (np.zeros((0, self.hidden), np.float32), np.zeros((self.levels, 0, self.hidden), np.float32))
         while True:
+            if not np.isfinite(logits[0, -1]).all():
+                raise GenerationError(
+                    f"step {len(out_ids)}: the decoder returned NaN or inf logits; the bundle computes garbage "
+                    "(files changed after compile, or an overflow): run `qwen3vl-compile verify` on it")
             token = sampler(logits[0, -1])
             if token in self.chat.stop_ids:
                 stopped = "stop_token"
@@ -197,3 +212,17 @@ class Pipeline:
             timings={k: round(v, 4) for k, v in timings.items()},
             stopped=stopped,
         )
+
+
+def _check_api_inputs(images, prompt, system, max_new_tokens) -> list:
+    """The Python API's argument types, each refused with what was expected."""
+    if isinstance(images, (str, Path, np.ndarray)) or not isinstance(images, (list, tuple)):
+        raise RuntimeInputError(f"images must be a list (or tuple) of paths, PIL images or arrays, got "
+                                f"{type(images).__name__}; for one image write images=[...]")
+    if not isinstance(prompt, str):
+        raise RuntimeInputError(f"prompt must be a string, got {type(prompt).__name__}")
+    if system is not None and not isinstance(system, str):
+        raise RuntimeInputError(f"system must be a string or None, got {type(system).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise RuntimeInputError(f"max_new_tokens must be a whole number, got {max_new_tokens!r}")
+    return list(images)

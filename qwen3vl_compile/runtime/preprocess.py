@@ -168,6 +168,8 @@ def load_image(image) -> Image.Image:
 
 
 def _open_file(path: Path) -> Image.Image:
+    if path.is_dir():
+        raise RuntimeInputError(f"image {str(path)!r} is a directory; give an image file")
     if not path.is_file():
         raise RuntimeInputError(f"image {str(path)!r}: no such file")
     try:

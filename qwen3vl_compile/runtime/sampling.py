@@ -4,6 +4,7 @@ sampling with a seeded numpy generator."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -18,10 +19,14 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
+        for name, value in (("temperature", self.temperature), ("top_p", self.top_p)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RuntimeInputError(f"{name} must be a finite number, got {value!r}")
+        for name, value in (("top_k", self.top_k), ("seed", self.seed)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise RuntimeInputError(f"{name} must be a whole number >= 0, got {value!r}")
         if self.temperature < 0:
             raise RuntimeInputError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise RuntimeInputError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise RuntimeInputError(f"--top-p must be in (0, 1], got {self.top_p}")
 
@@ -31,13 +36,19 @@ class SamplingConfig:
 
 
 class Sampler:
-    def __init__(self, config: SamplingConfig):
+    """``banned``: token ids that are never chosen, greedy or sampled (the multimodal
+    placeholders: a generated ``<|image_pad|>`` has no image row to take its place)."""
+
+    def __init__(self, config: SamplingConfig, banned=()):
         self.config = config
         self.rng = np.random.default_rng(config.seed)
+        self.banned = np.array(sorted({int(b) for b in banned if b is not None}), dtype=np.int64)
 
     def __call__(self, logits: np.ndarray) -> int:
-        """``logits``: [vocab] for the last position."""
-        logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+        """``logits``: [vocab] for the last position (finite: the caller checks)."""
+        logits = np.array(logits, dtype=np.float64).reshape(-1)
+        banned = self.banned[self.banned < logits.size]
+        logits[banned] = -np.inf
         if self.config.greedy:
             return int(np.argmax(logits))  # ties resolve to the lowest id, as torch.argmax does
         scores = logits / self.config.temperature

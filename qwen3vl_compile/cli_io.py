@@ -1,0 +1,38 @@
+"""What every command-line entry point does around its work: text that cannot be encoded
+for the terminal (``PYTHONIOENCODING=ascii``) is escaped rather than raising, and output
+piped into a command that closed early (``| head``, ``| true``) is not an error of ours."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):  # not a TextIOWrapper (captured in tests)
+            pass
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away: whatever we had to do is done. Point stdout at /dev/null so
+        # the interpreter's final flush does not fail again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``prog: error: [arguments] ...``,
+    exit 2) instead of the usage block then the error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: [arguments] {message} (see --help)\n")

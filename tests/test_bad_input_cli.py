@@ -1,0 +1,150 @@
+"""A table of bad arguments for every command: each gets one line on stderr, prefixed with the
+stage that refused it, and the documented exit code (2: the user's input; 1: a broken file or
+a failed check). Output piped into a closed pipe and an ASCII-only terminal are no errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwen3vl_compile.bundle_cli import main as bundle_main
+from qwen3vl_compile.cli import main as compile_main
+from qwen3vl_compile.runtime.cli import main as run_main
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A text-only fp32 bundle (no vision graphs: seconds to build)."""
+    out = tmp_path_factory.mktemp("bad") / "bundle"
+    assert compile_main(["--model", "tiny", "--graphs", "embedding,decoder", "--precision", "fp32", "-o", str(out), "-q"]) == 0
+    return out
+
+
+def _one_line(capsys, code, rc, *needles):
+    err = capsys.readouterr().err.strip()
+    assert rc == code, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+COMPILE_CASES = [
+    (["--threads", "-1"], 2, "[arguments] --threads -1"),
+    (["--context-length", "100000000"], 2, "above the model's max_position_embeddings 262144"),
+    (["--buckets", "99968"], 2, "above the checkpoint's max_pixels 16777216"),
+    (["--buckets", "33"], 2, "[arguments]"),
+    (["--precision", "int3"], 2, "[arguments] argument --precision"),
+    (["--block-size", "24"], 2, "--block-size 24"),
+    (["--graphs", "audio"], 2, "unknown graph kind"),
+    (["--cache-dir", "/proc/qwen3vl-cache"], 1, "cannot write the 'tiny' preset"),
+    (["--model", "/nonexistent/ckpt"], 1, "no such directory"),
+    (["--threads", "two"], 2, "invalid int value"),
+]
+
+
+@pytest.mark.parametrize("args,code,needle", COMPILE_CASES, ids=[" ".join(c[0]) for c in COMPILE_CASES])
+def test_compile_refuses_bad_arguments(tmp_path, capsys, args, code, needle):
+    out = tmp_path / "out"
+    try:
+        rc = compile_main(["--model", "tiny", "-o", str(out), "-q", *args])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    _one_line(capsys, code, rc, needle)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_compile_into_an_unwritable_place(capsys):
+    rc = compile_main(["--model", "tiny", "--graphs", "embedding", "-o", "/proc/qwen3vl-out", "-q"])
+    _one_line(capsys, 1, rc, "[write] cannot create a staging directory in /proc")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(d / "ok.png")
+    (d / "folder.png").mkdir()
+    return d
+
+
+RUN_CASES = [
+    (["--threads", "-1"], 2, "threads must be a whole number >= 0"),
+    (["--temperature", "nan"], 2, "temperature must be a finite number"),
+    (["--temperature", "inf"], 2, "temperature must be a finite number"),
+    (["--seed", "-1"], 2, "seed must be a whole number >= 0"),
+    (["--max-new-tokens", "0"], 2, "--max-new-tokens must be >= 1"),
+    (["--top-p", "0"], 2, "--top-p must be in (0, 1]"),
+    (["--image", "__DIR__"], 2, "is a directory"),
+    (["--max-new-tokens", "1.5"], 2, "invalid int value"),
+]
+
+
+@pytest.mark.parametrize("args,code,needle", RUN_CASES, ids=[" ".join(c[0]) for c in RUN_CASES])
+def test_run_refuses_bad_arguments(bundle, images, capsys, args, code, needle):
+    args = [str(images / "folder.png") if a == "__DIR__" else a for a in args]
+    try:
+        rc = run_main([str(bundle), "--prompt", "Hi", *args])
+    except SystemExit as e:
+        rc = e.code
+    _one_line(capsys, code, rc, needle)
+
+
+def test_manifest_that_is_not_an_object(bundle, tmp_path, capsys):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    (b / "manifest.json").write_text("[1, 2, 3]")
+    for fn, args in ((run_main, [str(b), "--prompt", "Hi"]), (bundle_main, ["verify", str(b)]), (bundle_main, ["inspect", str(b)])):
+        _one_line(capsys, 1, fn(args), "not a JSON object")
+
+
+def test_python_api_types(bundle, images):
+    from qwen3vl_compile import Pipeline
+    from qwen3vl_compile.errors import RuntimeInputError
+
+    pipe = Pipeline.load(bundle)
+    for kw, match in [({"images": str(images / "ok.png")}, "images must be a list"),
+                      ({"images": np.zeros((8, 8, 3), np.uint8)}, "images must be a list"),
+                      ({"images": None}, "images must be a list"),
+                      ({"prompt": None}, "prompt must be a string"),
+                      ({"max_new_tokens": "5"}, "max_new_tokens must be a whole number"),
+                      ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number"),
+                      ({"temperature": "0.5"}, "temperature must be a finite number"),
+                      ({"seed": -3}, "seed must be a whole number")]:
+        args = {"images": [], "prompt": "Hi", "max_new_tokens": 2, **kw}
+        with pytest.raises(RuntimeInputError, match=match):
+            pipe.generate(**args)
+    with pytest.raises(RuntimeInputError, match="threads must be"):
+        Pipeline.load(bundle, threads=-2)
+
+
+def _sh(cmd: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_closed_pipes_are_not_errors(bundle, tmp_path):
+    b = str(bundle)
+    for cmd in (f"{BIN}/qwen3vl-compile inspect {b} | true", f"{BIN}/qwen3vl-compile verify {b} | head -c 1",
+                f"{BIN}/qwen3vl-run {b} --prompt Hi --max-new-tokens 3 --json | true",
+                f"{BIN}/qwen3vl-compile --model tiny --graphs embedding -o {tmp_path / 'e'} | true"):
+        p = _sh(cmd)
+        assert p.returncode == 0 and "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, (cmd, p.stderr)
+    assert (tmp_path / "e" / "manifest.json").is_file()
+
+
+def test_ascii_terminal_and_quiet_mode(bundle, tmp_path):
+    p = _sh(f"{BIN}/qwen3vl-run {bundle} --prompt 'Décris ☃' --max-new-tokens 6", PYTHONIOENCODING="ascii")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    p = _sh(f"{BIN}/qwen3vl-compile --model tiny --graphs embedding -o {tmp_path / 'q'} -q")
+    assert p.returncode == 0 and p.stderr == "", p.stderr  # no upstream warnings when quiet
