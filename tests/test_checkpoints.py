@@ -113,6 +113,7 @@ def _swap_mrope(monkeypatch):
                         lambda *a, **k: (lambda m, spec: (swap_mrope_streams(m), spec))(*real(*a, **k)))
 
 
+@pytest.mark.slow  # four compiles; the planted bugs are also checked at the verify level in test_decoder.py
 @pytest.mark.parametrize("plant", [_drop_deepstack, _swap_mrope], ids=["deepstack_dropped", "mrope_swapped"])
 @pytest.mark.parametrize("budget", ["full_depth", "slice"])
 def test_planted_decoder_bug_fails_the_default_compile(untied_bf16, tmp_path, monkeypatch, capsys, plant, budget):

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# The README's first command, end to end (install check + compile + answer).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

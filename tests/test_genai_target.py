@@ -10,6 +10,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+
+# A full --target ort-genai compile and onnxruntime-genai runs.
+pytestmark = pytest.mark.slow
 from PIL import Image
 
 from qwen3vl_compile import Pipeline

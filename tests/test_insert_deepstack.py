@@ -140,6 +140,7 @@ def test_hidden_size_must_be_known():
         run_passes(model, [InsertDeepStackPass(2)])
 
 
+@pytest.mark.slow  # runs onnxruntime-genai's model builder
 def test_decoder_from_onnxruntime_genai_builder(tiny_checkpoint, tmp_path):
     """onnxruntime-genai's Qwen3-VL decoder has no DeepStack; after the pass it matches
     Hugging Face on an image prompt (its residual add names the final norm differently and

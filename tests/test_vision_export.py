@@ -42,6 +42,7 @@ def _compile(out, *extra):
     return main(["--model", "tiny", "--buckets", "224,128x256", "-o", str(out), "--graphs", "vision", "-q", *extra])
 
 
+@pytest.mark.slow  # two whole compiles
 def test_compile_writes_bundle_with_manifest(tmp_path, capsys):
     out = tmp_path / "bundle"
     assert _compile(out) == 0
@@ -73,6 +74,7 @@ def test_compile_writes_bundle_with_manifest(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
+@pytest.mark.slow  # two whole compiles
 def test_failed_parity_leaves_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(verify_mod.TOLERANCES, ("vision", "fp32"), 0.0)
     out = tmp_path / "bundle"

@@ -43,7 +43,12 @@ from .text_decoder import TEXT_PREFIXES, DecoderSpec
 
 # Bytes of fp32 text weights (layers + lm_head) up to which the whole depth is checked.
 FULL_DEPTH_BUDGET = 2 << 30
+# Above this many bytes of fp32 weights in the checked slice, the reference is run one
+# layer at a time (run_reference_streaming).
+STREAMING_THRESHOLD = 12 << 30
 DECODE_STEPS = 3
+# Elements rounded at a time by the oracle (bounds the scratch memory of an lm_head).
+ROUND_CHUNK_ELEMENTS = 16 << 20
 # (case, grids): grids in patches (t, h, w); merged tokens = h * w / merge^2.
 CASES = (("text_only", ()), ("image", ((1, 6, 8),)), ("two_images", ((1, 4, 4), (1, 6, 4))))
 
@@ -166,42 +171,60 @@ def _lm_head_key(ck: Checkpoint) -> str:
     return key(ck)
 
 
-def round_like_decoder(model, options: DecoderOptions) -> int:
-    """Replace, in place, every weight the decoder stores in reduced precision by what the
-    decoder computes with. Returns how many matrices were rounded."""
+def _rounded_matrices(module, options: DecoderOptions) -> list:
+    """The parameters of ``module`` (a decoder layer or the whole stack) that the decoder
+    stores in reduced precision, as [..., N, K] matrices: every Linear, MoE experts
+    [E, N, K], and (fp16 only: int4 keeps it fp32) the MoE router."""
+    import torch
+
+    mats = [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    for mod in module.modules():
+        if hasattr(mod, "gate_up_proj") and isinstance(getattr(mod, "down_proj", None), torch.nn.Parameter):
+            mats += [mod.gate_up_proj, mod.down_proj]
+        elif options.precision == "fp16" and type(mod).__name__.endswith("TopKRouter"):
+            mats.append(mod.weight)
+    return mats
+
+
+def _round(params, options: DecoderOptions) -> int:
+    """Replace each parameter in place by what the decoder computes with; returns the number
+    of matrices (experts counted one by one)."""
     import torch
 
     from .quantize import dequantize_int4, quantize_int4
 
-    if options.precision == "fp32":
-        return 0
-    layers = model.model.language_model.layers
-    # Matrices [..., N, K] as the module holds them: every Linear, MoE experts [E, N, K], and
-    # (fp16 only: int4 keeps it fp32) the MoE router.
-    mats = [m.weight for m in layers.modules() if isinstance(m, torch.nn.Linear)]
-    for mod in layers.modules():
-        if hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj") and isinstance(mod.down_proj, torch.nn.Parameter):
-            mats += [mod.gate_up_proj, mod.down_proj]
-        elif options.precision == "fp16" and type(mod).__name__.endswith("TopKRouter"):
-            mats.append(mod.weight)
-    if options.precision == "fp16" or not options.keep_lm_head_fp:
-        mats.append(model.lm_head.weight)
-
-    def rounded(w):  # [N, K]
-        if options.precision == "fp16":
-            return w.to(torch.float16).to(torch.float32)
-        packed, scales = quantize_int4(w.numpy().T, options.block_size)
-        return torch.from_numpy(dequantize_int4(packed, scales, w.shape[1]).T.copy())
+    def round_in_place(w):  # [N, K], rounded row block by row block: no full-size copy
+        step = max(1, ROUND_CHUNK_ELEMENTS // max(w.shape[1], 1))
+        for r0 in range(0, w.shape[0], step):
+            block = w[r0:r0 + step]
+            if options.precision == "fp16":
+                block.copy_(block.to(torch.float16))
+            else:  # int4 blocks run along K within one row: rows are independent
+                packed, scales = quantize_int4(block.numpy().T, options.block_size)
+                block.copy_(torch.from_numpy(dequantize_int4(packed, scales, w.shape[1]).T))
 
     count = 0
-    for p in mats:
-        if p.ndim == 3:
-            p.data = torch.stack([rounded(w) for w in p.data])
-            count += p.shape[0]
-        else:
-            p.data = rounded(p.data)
-            count += 1
+    with torch.no_grad():
+        for p in params:
+            for w in (p.data if p.ndim == 3 else [p.data]):
+                round_in_place(w)
+                count += 1
     return count
+
+
+def _head_is_rounded(options: DecoderOptions) -> bool:
+    return options.precision == "fp16" or (options.precision == "int4" and not options.keep_lm_head_fp)
+
+
+def round_like_decoder(model, options: DecoderOptions) -> int:
+    """Replace, in place, every weight the decoder stores in reduced precision by what the
+    decoder computes with. Returns how many matrices were rounded."""
+    if options.precision == "fp32":
+        return 0
+    mats = _rounded_matrices(model.model.language_model.layers, options)
+    if _head_is_rounded(options):
+        mats.append(model.lm_head.weight)
+    return _round(mats, options)
 
 
 def _cases(ck: Checkpoint, skeleton, seed: int) -> dict[str, _Case]:
@@ -288,6 +311,79 @@ def run_reference(model, cases: dict[str, _Case]) -> dict[str, np.ndarray]:
     return out
 
 
+def _load_layer(ck: Checkpoint, lm, index: int) -> None:
+    for name, meta in list(lm.layers[index].named_parameters()):
+        full = f"layers.{index}.{name}"
+        _set_param(lm.layers[index], name, _reference_tensor(ck, full, tuple(meta.shape)))
+
+
+def _free_layer(lm, index: int) -> None:
+    import torch
+
+    for name, p in list(lm.layers[index].named_parameters()):
+        _set_param(lm.layers[index], name, torch.empty(p.shape, device="meta"))
+
+
+def run_reference_streaming(ck: Checkpoint, layers: int, options: DecoderOptions,
+                            cases: dict[str, _Case]) -> tuple[dict, dict, int]:
+    """The plain and the rounded (oracle) reference, one decoder layer in memory at a time:
+    for a slice whose fp32 weights exceed memory (a 235B-A22B layer is 9.7 GB in fp32).
+
+    Layer-major order: every call (each case's prefill and decode steps) goes through layer
+    l before layer l+1 is read; each (variant, case) keeps its own Hugging Face
+    ``DynamicCache`` (layers index their own slot) and the hidden states between layers.
+    Each layer is Hugging Face's own decoder layer; what ``Qwen3VLTextModel.forward`` adds
+    around it is repeated here: rotary embeddings from the 3-stream positions, SDPA's
+    causal mask (``attention_mask=None``: causal for a prefill, all past for one new token),
+    DeepStack after layers 0..K-1, final norm and lm_head."""
+    import torch
+    from transformers import DynamicCache
+
+    model = _reference_skeleton(ck, layers)
+    model.config.text_config._attn_implementation = "sdpa"
+    lm = model.model.language_model
+    for layer in lm.layers:
+        layer.self_attn.config._attn_implementation = "sdpa"
+    _set_param(lm, "norm.weight", _reference_tensor(ck, "norm.weight", tuple(lm.norm.weight.shape)))
+    lm.rotary_emb = type(lm.rotary_emb)(config=model.config.text_config)
+    variants = ("plain", "oracle") if options.precision != "fp32" else ("plain",)
+    caches = {(v, n): DynamicCache(config=model.config.text_config) for v in variants for n in cases}
+    # hidden[(variant, case)]: the prefill's [1, S, H] then each step's [1, 1, H]
+    hidden = {(v, n): [torch.from_numpy(c.embeds)] + [torch.from_numpy(e) for e in c.step_embeds]
+              for v in variants for n, c in cases.items()}
+    rotary = {}
+    with torch.no_grad():
+        for n, c in cases.items():
+            calls = [c.positions] + [c.step_positions(t) for t in range(DECODE_STEPS)]
+            rotary[n] = [lm.rotary_emb(hidden[(variants[0], n)][j], torch.from_numpy(p)) for j, p in enumerate(calls)]
+        rounded = 0
+        for index in range(layers):
+            _load_layer(ck, lm, index)
+            for v in variants:
+                if v == "oracle":
+                    rounded += _round(_rounded_matrices(lm.layers[index], options), options)
+                for n, c in cases.items():
+                    states = hidden[(v, n)]
+                    for j in range(len(states)):
+                        out = lm.layers[index](states[j], attention_mask=None, position_ids=None,
+                                               cache=caches[(v, n)], position_embeddings=rotary[n][j])
+                        out = out[0] if isinstance(out, tuple) else out
+                        if j == 0 and index < c.deepstack.shape[0] and c.mask.any():
+                            out = out.clone()
+                            out[torch.from_numpy(c.mask)] += torch.from_numpy(c.deepstack[index][c.mask])
+                        states[j] = out
+            _free_layer(lm, index)
+        head_key = ck.find("embed_tokens.weight", TEXT_PREFIXES) if ck.tie_word_embeddings else _lm_head_key(ck)
+        model.lm_head.weight = torch.nn.Parameter(ck.tensor(head_key).to(torch.float32), requires_grad=False)
+        results = {}
+        for v in variants:
+            if v == "oracle" and _head_is_rounded(options):
+                rounded += _round([model.lm_head.weight], options)
+            results[v] = {n: np.stack([model.lm_head(lm.norm(h)[:, -1]).numpy()[0] for h in hidden[(v, n)]])
+                          for n in cases}
+    return results["plain"], results.get("oracle", results["plain"]), rounded
+
+
 def with_accuracy_level(path: Path, level: int) -> Path:
     """A sibling of ``path`` whose quantized nodes (MatMulNBits, QMoE) compute at
     ``accuracy_level`` ``level`` (0: fp32 activations), sharing ``path``'s external data
@@ -336,11 +432,14 @@ def verify_decoder(onnx_path: Path, ck: Checkpoint, options: DecoderOptions | st
             exact = run_onnx(twin, cases, threads=threads)
         finally:
             twin.unlink(missing_ok=True)
-    model = load_text_reference(ck, layers)
-    plain = run_reference(model, cases)
-    rounded = round_like_decoder(model, options)
-    oracle = run_reference(model, cases) if rounded else plain
-    del model
+    if text_weight_bytes(ck, layers) <= STREAMING_THRESHOLD:
+        model = load_text_reference(ck, layers)
+        plain = run_reference(model, cases)
+        rounded = round_like_decoder(model, options)
+        oracle = run_reference(model, cases) if rounded else plain
+        del model
+    else:  # the slice itself does not fit in fp32: one layer at a time
+        plain, oracle, rounded = run_reference_streaming(ck, layers, options, cases)
     tol = TOLERANCES[("decoder", options.precision)]
     act_tol = TOLERANCES[("decoder", "int4-activations-moe" if ck.is_moe else "int4-activations")]
     results = {}
