@@ -23,7 +23,7 @@ def rows(bundle: Path) -> list[list[str]]:
                 out.append([
                     m["source"]["model"], graph, p["precision"], case, name,
                     f"{o['max_abs']:.2e}", f"{o['max_rel']:.2e}", extra,
-                    (f"<= {tol:.0e}" if tol is not None else "reported") + (" ok" if o["passed"] else " FAILED"),
+                    (f"<= {tol:.2g}" if tol is not None else "reported") + (" ok" if o["passed"] else " FAILED"),
                 ])
     return out
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import BundleError, Qwen3VLCompileError
+from .verify import parity_summary
 
 
 def _fmt_bytes(n: int) -> str:
@@ -43,13 +44,7 @@ def inspect(root: Path) -> int:
     for name, g in m.get("graphs", {}).items():
         size = sum(m["files"].get(f, {}).get("bytes", 0) for f in [g["file"], *g.get("data_files", [])])
         parity = m.get("parity", {}).get(name)
-        if parity:
-            worst = max(o["max_rel"] for case in parity["cases"].values() for o in case.values())
-            cos = [o.get("cosine") for case in parity["cases"].values() for o in case.values() if o.get("cosine") is not None]
-            extra = f", min cosine {min(cos):.4f}" if cos else ""
-            verdict = f"max rel err {worst:.2e}{extra} ({'ok' if parity['passed'] else 'FAILED'})"
-        else:
-            verdict = "not verified"
+        verdict = parity_summary(parity) if parity else "not verified"
         passes = ", ".join(p["pass"] + ("*" if p["modified"] else "") for p in g.get("passes", []))
         if g.get("source_graph") and g.get("data_files"):  # an onnxruntime-genai wrapper reading its source's data
             size = m["files"].get(g["file"], {}).get("bytes", 0)

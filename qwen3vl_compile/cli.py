@@ -14,6 +14,7 @@ from .buckets import DYNAMIC, parse_buckets
 from .config import GRAPH_KINDS, PRECISIONS, TARGETS, CompileConfig
 from .cli_io import OneLineParser, run_cli
 from .errors import Qwen3VLCompileError
+from .verify import parity_summary
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,11 +107,7 @@ def _print_summary(cfg: CompileConfig, manifest: dict) -> None:
     print(f"wrote {cfg.output}")
     for name, g in manifest["graphs"].items():
         parity = manifest["parity"].get(name)
-        if parity:
-            worst = max(o["max_rel"] for case in parity["cases"].values() for o in case.values())
-            verdict = f"parity max rel err {worst:.2e} ({'ok' if parity['passed'] else 'FAILED'})"
-        else:
-            verdict = "parity not verified"
+        verdict = parity_summary(parity) if parity else "parity not verified"
         print(f"  {g['file']:<28} {g['kind']:<9} {g['precision']:<5} {verdict}")
 
 

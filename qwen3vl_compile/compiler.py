@@ -16,7 +16,7 @@ from pathlib import Path
 from .bundle import BundleWriter
 from .checkpoint import Checkpoint, resolve_model_source
 from .config import CompileConfig
-from .errors import LoadError, UsageError, VerifyError
+from .errors import LoadError, UsageError, VerifyError, WriteError
 from .manifest import hash_files, new_manifest, write_manifest
 from .presets import is_preset
 from .progress import Progress
@@ -68,7 +68,16 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
         gen = Path(path) / "generation_config.json"
         manifest["generation"] = _read_json(gen) if gen.is_file() else {}
     _set_threads(cfg.threads)
+    try:
+        return _build(ck, cfg, path, writer, manifest, progress)
+    except OSError as e:
+        # A full disk or a vanished directory while writing: one line; the writer has already
+        # removed its staging directory.
+        where = f" ({e.filename})" if e.filename else ""
+        raise WriteError(f"writing the bundle failed: {e.strerror or e}{where}; nothing was left at {writer.out}") from None
 
+
+def _build(ck: Checkpoint, cfg: CompileConfig, path: Path, writer: BundleWriter, manifest: dict, progress: Progress) -> dict:
     with writer as staging:
         failures: list[str] = []
         if "vision" in cfg.graphs:

@@ -126,3 +126,23 @@ class GraphParity:
             **self.details,
             "cases": {case: {o.name: o.to_json() for o in outs} for case, outs in self.cases.items()},
         }
+
+
+def parity_summary(entry: dict) -> str:
+    """One line for a manifest parity entry: the worst gated error (and, where reported, the
+    lowest cosine to the unrounded model, the cost of a reduced precision)."""
+    named = [(name, o) for case in entry["cases"].values() for name, o in case.items()]
+    level = [o for name, o in named if name.startswith("logits_at_accuracy_level")]
+    gated = [o for name, o in named if o.get("tolerance_max_rel") is not None and o not in level]
+    worst = max((o["max_rel"] for o in gated), default=0.0)
+    text = f"parity max rel err {worst:.2e}"
+    if level:
+        text += (f", {max(o['max_rel'] for o in level):.2e} with int8 activations "
+                 f"(<= {level[0]['tolerance_max_rel']:.2g})")
+    reported = [o["cosine"] for name in ("logits_vs_unrounded_fp32",) for case in entry["cases"].values()
+                if name in case and (o := case[name]).get("cosine") is not None]
+    if reported:
+        text += f", cosine to fp32 weights >= {min(reported):.3f}"
+    if entry.get("layers_checked") is not None and entry.get("layers_checked") != entry.get("layers"):
+        text += f" (first {entry['layers_checked']} of {entry['layers']} layers)"
+    return f"{text} ({'ok' if entry['passed'] else 'FAILED'})"

@@ -210,3 +210,19 @@ def test_signals_mid_compile_leave_nothing(tmp_path, sig):
     else:
         assert rc == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from qwen3vl_compile import compiler
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(compiler, "write_manifest", full)
+    out = tmp_path / "bundle"
+    assert main(["--model", "tiny", "--graphs", "embedding", "-o", str(out), "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "[write] writing the bundle failed: No space left on device" in err
+    assert list(tmp_path.iterdir()) == []
