@@ -7,7 +7,6 @@ everything is within the recorded tolerances.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 

@@ -184,8 +184,6 @@ class Checkpoint:
             files = sorted(self.path.glob("*.safetensors"))
             if not files:
                 raise LoadError(f"{self.path}: no *.safetensors weights")
-            from safetensors import safe_open
-
             wmap = {}
             for f in files:
                 for k in self._header(f):

@@ -61,3 +61,23 @@ def genai_bundle(tmp_path_factory):
     rc = compile_main(["--model", "tiny", "--buckets", "448", "--target", "ort-genai", "--precision", "fp32", "-o", str(out), "-q"])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def noise_images(tmp_path_factory):
+    """``noise_images((w, h), ...)``: PNG files of seeded uniform noise, one per size."""
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("noise")
+
+    def make(*sizes):
+        out = []
+        for seed, (w, h) in enumerate(sizes):
+            path = d / f"{w}x{h}-{seed}.png"
+            if not path.exists():
+                Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+            out.append(path)
+        return out
+
+    return make

@@ -4,7 +4,6 @@ a failed check). Output piped into a closed pipe and an ASCII-only terminal are 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from qwen3vl_compile import Pipeline
 from qwen3vl_compile.bundle_cli import main as bundle_main
@@ -77,14 +75,8 @@ def test_gate_on_a_truncated_slice_is_recorded(truncated_gate_bundle, capsys):
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imgs")
-    out = []
-    for (w, h), seed in [((448, 448), 0), ((500, 300), 1)]:
-        arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-        out.append(d / f"{seed}.png")
-        Image.fromarray(arr).save(out[-1])
-    return out
+def images(noise_images):
+    return noise_images((448, 448), (500, 300))
 
 
 @pytest.mark.parametrize("case", ["one_image", "two_images", "text_only"])

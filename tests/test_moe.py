@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from qwen3vl_compile import Pipeline
 from qwen3vl_compile.checkpoint import Checkpoint, resolve_model_source
@@ -50,14 +49,8 @@ def fp32_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imgs")
-    out = []
-    for (w, h), seed in [((448, 448), 0), ((320, 480), 1)]:
-        arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-        out.append(d / f"{seed}.png")
-        Image.fromarray(arr).save(out[-1])
-    return out
+def images(noise_images):
+    return noise_images((448, 448), (320, 480))
 
 
 @pytest.mark.parametrize("case", ["one_image", "two_images", "text_only"])
