@@ -35,13 +35,16 @@ def vision_patches(visual, grids: Sequence[Sequence[int]]) -> list[Patch]:
     ]
 
 
-def vision_dynamic_patches() -> list[Patch]:
+def vision_dynamic_patches(per_image: bool = False) -> list[Patch]:
     """The patches that make the vision tower exportable with its grid as a graph input
-    (the any-size graph): grid tensors computed in the graph, one masked attention call.
-    The rotary embedding is upstream's own (it takes the position ids as a tensor)."""
+    (the any-size graph): grid tensors computed in the graph, one attention call. With
+    ``per_image`` the graph serves one image per call and attention takes no mask (ONNX
+    Runtime then runs it without materialising patches x patches scores); otherwise a
+    block-diagonal mask separates the images of one call. The rotary embedding is
+    upstream's own (it takes the position ids as a tensor)."""
     from . import vision_attention_dynamic, vision_forward_dynamic
 
-    return [vision_forward_dynamic.make_patch(), vision_attention_dynamic.make_patch()]
+    return [vision_forward_dynamic.make_patch(per_image=per_image), vision_attention_dynamic.make_patch(per_image=per_image)]
 
 
 @contextlib.contextmanager
@@ -51,8 +54,8 @@ def vision_export_patches(visual, grids: Sequence[Sequence[int]]) -> Iterator[li
 
 
 @contextlib.contextmanager
-def vision_dynamic_export_patches() -> Iterator[list[str]]:
-    with apply_patches(vision_dynamic_patches()) as names:
+def vision_dynamic_export_patches(per_image: bool = False) -> Iterator[list[str]]:
+    with apply_patches(vision_dynamic_patches(per_image)) as names:
         yield names
 
 

@@ -7,7 +7,8 @@ Why export fails without it: the non-flash path splits q/k/v per segment with
 from the static number of segments; in the any-size graph the number of images is a run-time
 value, so here the mask is always applied. It is 0 inside a segment and the dtype's minimum
 across segments, so the softmax gives exactly zero weight across images and frames, which
-equals per-segment attention (one image: an all-zero mask, the same as no mask).
+equals per-segment attention (one image: an all-zero mask, the same as no mask). The
+per-image variant (one image, one segment per call) passes no mask at all.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from .base import Patch
 TARGET = Qwen3VLVisionAttention
 
 
-def make_patch() -> Patch:
+def make_patch(per_image: bool = False) -> Patch:
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
-        # In the dynamic patch set the cu_seqlens slot holds the additive mask [1, 1, N, N].
+        # In the dynamic patch set the cu_seqlens slot holds the additive mask [1, 1, N, N]
+        # (per image: an empty tensor, no mask).
         mask = cu_seqlens
-        if mask.dim() != 4:
+        if not per_image and mask.dim() != 4:
             raise PatchError(
                 "dynamic vision attention expects the [1, 1, N, N] mask from the dynamic forward patch; "
                 f"got a tensor of shape {tuple(mask.shape)} (apply the whole dynamic patch set)"
@@ -40,7 +42,8 @@ def make_patch() -> Patch:
             self.config._attn_implementation, upstream.eager_attention_forward
         )
         out, _ = attention_interface(
-            self, q, k, v, attention_mask=mask.to(q.dtype), scaling=self.scaling, dropout=0.0, is_causal=False, **kwargs
+            self, q, k, v, attention_mask=None if per_image else mask.to(q.dtype), scaling=self.scaling, dropout=0.0,
+            is_causal=False, **kwargs
         )
         return self.proj(out.reshape(seq_length, -1).contiguous())
 

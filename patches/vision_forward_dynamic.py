@@ -12,7 +12,9 @@ tensors per patch with fixed-rank ops whose length is the row count (see
 are Hugging Face's, and hand them to the unchanged upstream forward through its
 precomputed-kwargs hooks (``interp_indices``, ``interp_weights``, ``position_ids``,
 ``cu_seqlens``). The ``cu_seqlens`` slot carries the additive block-diagonal attention mask
-``[1, 1, N, N]`` built once per call; only the dynamic attention patch reads it.
+``[1, 1, N, N]`` built once per call; only the dynamic attention patch reads it. In the
+per-image variant (one image per call, one attention segment) no mask is built: the slot
+carries an empty tensor and the attention patch runs unmasked.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def interpolation_taps(coords: PatchCoordinates, side: int, mode: str, align_cor
     return indices, weights
 
 
-def grid_kwargs(visual, num_patches, grid_thw: torch.Tensor) -> dict:
+def grid_kwargs(visual, num_patches, grid_thw: torch.Tensor, per_image: bool = False) -> dict:
     """The precomputed tensors upstream's forward accepts, for ``grid_thw`` at run time."""
     coords = patch_coordinates(grid_thw, num_patches, visual.spatial_merge_size)
     indices, weights = interpolation_taps(
@@ -55,11 +57,11 @@ def grid_kwargs(visual, num_patches, grid_thw: torch.Tensor) -> dict:
         "interp_indices": indices,
         "interp_weights": weights,
         "position_ids": torch.stack([coords.row, coords.col], dim=-1),
-        "cu_seqlens": block_diagonal_mask_from_segments(coords.frame_start, dtype),
+        "cu_seqlens": torch.zeros(0, dtype=dtype) if per_image else block_diagonal_mask_from_segments(coords.frame_start, dtype),
     }
 
 
-def make_patch() -> Patch:
+def make_patch(per_image: bool = False) -> Patch:
     if not hasattr(vision_utils, "_interpolation_axis_taps_weights"):
         raise PatchError(f"transformers.vision_utils has no _interpolation_axis_taps_weights ({VERSIONS}); cannot patch")
     original = Qwen3VLVisionModel.forward
@@ -67,7 +69,7 @@ def make_patch() -> Patch:
     def forward(self, hidden_states, grid_thw, **kwargs):
         if upstream.is_flash_attention_requested(self.config):
             raise PatchError("the dynamic vision patches export the SDPA path; flash attention was requested")
-        kwargs.update(grid_kwargs(self, hidden_states.shape[0], grid_thw))
+        kwargs.update(grid_kwargs(self, hidden_states.shape[0], grid_thw, per_image))
         return original(self, hidden_states, grid_thw, **kwargs)
 
     return Patch(TARGET, "forward", forward, reason=__doc__.split("\n\n")[1], versions=VERSIONS)

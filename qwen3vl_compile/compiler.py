@@ -148,18 +148,24 @@ def _share_vision_weights(staging: Path, manifest: dict, progress: Progress) -> 
 
 
 def _vision_dynamic(visual, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
-    """The any-size vision graph (``--buckets ...,dynamic``): grid as an input, checked on
-    grids the export never saw and on several images in one call."""
-    from .export.vision_dynamic import GRAPH_NAME, export_vision_dynamic, verify_vision_dynamic
+    """The any-size vision graph (``--buckets ...,dynamic``, one image per call), and for
+    ``--target ort-genai`` the multi-image one its runtime needs: grid as an input, checked
+    on grids the export never saw and on several images."""
+    from .export.vision_dynamic import export_vision_dynamic, verify_vision_dynamic
 
-    with progress.stage(f"export {GRAPH_NAME} (grid from image_grid_thw)"):
-        manifest["graphs"][GRAPH_NAME] = report = export_vision_dynamic(visual, staging)
-    if not cfg.verify:
-        return []
-    with progress.stage(f"verify {GRAPH_NAME}"):
-        parity = verify_vision_dynamic(staging / report["file"], visual, threads=cfg.threads)
-    _record_parity(manifest, staging, GRAPH_NAME, parity)
-    return parity.failures()
+    failures = []
+    for per_image in (True, False) if cfg.target == "ort-genai" else (True,):
+        with progress.stage(f"export the any-size vision graph ({'one image' if per_image else 'several images'} per call)"):
+            report = export_vision_dynamic(visual, staging, per_image=per_image)
+        name = report["file"].removesuffix(".onnx")
+        manifest["graphs"][name] = report
+        if not cfg.verify:
+            continue
+        with progress.stage(f"verify {name}"):
+            parity = verify_vision_dynamic(staging / report["file"], visual, threads=cfg.threads)
+        _record_parity(manifest, staging, name, parity)
+        failures += parity.failures()
+    return failures
 
 
 def _embedding(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:

@@ -1,6 +1,8 @@
-"""The any-size vision graph (``--buckets ...,dynamic``): parity against the unpatched tower
-on grids the export never saw and on several images in one call, a planted bug that the
-verifier must catch, bucket parsing, and serving through a compiled bundle."""
+"""The any-size vision graphs: ``vision_dynamic`` (``--buckets ...,dynamic``, one image per
+call, unmasked attention) and ``vision_dynamic_multi`` (``--target ort-genai``, several images
+per call): parity against the unpatched tower on grids the export never saw and on several
+images, a planted bug that the verifier must catch, bucket parsing, serving through a
+compiled bundle, and memory that does not grow with patches^2."""
 
 import copy
 import json
@@ -39,9 +41,10 @@ def manifest(bundle):
 
 @pytest.fixture(scope="module")
 def session(bundle):
+    """The multi-image graph."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
-    return ort.InferenceSession(str(bundle / "vision_dynamic.onnx"), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(bundle / "vision_dynamic_multi.onnx"), opts, providers=["CPUExecutionProvider"])
 
 
 def _run(session, grids, seed=3):
@@ -90,10 +93,12 @@ def test_patched_eager_equals_unpatched_and_restores(tiny_visual):
 # -- parity of the exported graph --------------------------------------------------------
 
 
-def test_parity_on_unseen_grids_and_multi_image(bundle, manifest, tiny_visual):
+@pytest.mark.parametrize("name", ["vision_dynamic", "vision_dynamic_multi"])
+def test_parity_on_unseen_grids_and_multi_image(bundle, manifest, tiny_visual, name):
     assert not set(vd.PARITY_GRIDS) & set(vd.EXPORT_GRIDS)
     assert any(h != w for _, h, w in vd.PARITY_GRIDS) and len(set(vd.MULTI_IMAGE)) > 1
-    parity = vd.verify_vision_dynamic(bundle / "vision_dynamic.onnx", tiny_visual, threads=2)
+    parity = vd.verify_vision_dynamic(bundle / f"{name}.onnx", tiny_visual, threads=2)
+    assert parity.graph == name
     assert set(parity.cases) == {
         "grid 8x12", "grid 20x14", "grid 16x36", "grid 30x30", "grid 6x6", "3 images 8x12+20x14+6x6"
     }
@@ -102,9 +107,9 @@ def test_parity_on_unseen_grids_and_multi_image(bundle, manifest, tiny_visual):
     assert parity.passed, parity.failures()
     assert parity.worst_rel < 1e-5  # measured ~1.9e-6; the gate is 1e-4
     # The compile recorded the same verification, and its golden re-runs without torch.
-    assert manifest["parity"]["vision_dynamic"]["passed"]
-    assert set(manifest["parity"]["vision_dynamic"]["cases"]) == set(parity.cases)
-    again = check_golden(bundle, manifest, "vision_dynamic", threads=2)
+    assert manifest["parity"][name]["passed"]
+    assert set(manifest["parity"][name]["cases"]) == set(parity.cases)
+    again = check_golden(bundle, manifest, name, threads=2)
     assert again.passed and again.worst_rel < 1e-5
 
 
@@ -166,16 +171,33 @@ def test_cli_refuses_duplicate_dynamic(tmp_path, capsys):
 # -- the compiled bundle serves unbucketed sizes through the graph ---------------------------
 
 
-def test_manifest_entry(manifest):
-    g = manifest["graphs"]["vision_dynamic"]
+@pytest.mark.parametrize("name,per_call,grid_dim", [("vision_dynamic", 1, 1), ("vision_dynamic_multi", "any", "num_images")])
+def test_manifest_entry(manifest, name, per_call, grid_dim):
+    g = manifest["graphs"][name]
     assert g["kind"] == "vision" and g["dynamic"] is True and g["precision"] == "fp32"
+    assert g["images_per_call"] == per_call
     assert [i["name"] for i in g["inputs"]] == ["pixel_values", "image_grid_thw"]
-    assert g["inputs"][1]["shape"] == ["num_images", 3]
+    assert g["inputs"][1]["shape"] == [grid_dim, 3]
     assert [p["pass"] for p in g["passes"]] == ["UnifyIndexTypesPass", "CleanupPass", "FuseAttentionPass", "CheckModelPass"]
     assert g["passes"][2]["stats"]["multi_head_attention"] == 6
     assert [b["name"] for b in manifest["buckets"]] == ["448"]  # the dynamic graph is not a bucket
     assert manifest["options"]["buckets"] == ["448", "dynamic"]
-    assert manifest["files"]["vision_dynamic.onnx"]["sha256"]
+    assert manifest["files"][f"{name}.onnx"]["sha256"]
+    assert manifest["graphs"]["genai_vision"]["source_graph"] == "vision_dynamic_multi"
+
+
+def test_per_image_graph_has_no_attention_mask(bundle):
+    """No attention input carries a patches x patches mask: ONNX Runtime then runs its
+    attention without materialising the scores (the multi graph has the mask)."""
+    import onnx
+
+    def bias_inputs(name):
+        g = onnx.load(str(bundle / f"{name}.onnx"), load_external_data=False).graph
+        mha = [n for n in g.node if n.op_type == "MultiHeadAttention"]
+        return len(mha), sum(len(n.input) > 5 and n.input[5] != "" for n in mha)
+
+    assert bias_inputs("vision_dynamic") == (6, 0)
+    assert bias_inputs("vision_dynamic_multi") == (6, 6)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +216,7 @@ def test_dynamic_graph_serves_like_the_pytorch_fallback(bundle, manifest, odd_im
     assert dyn.images[0]["served_by"] == "dynamic graph"
     # The same bundle without the dynamic graph in its manifest takes the PyTorch fallback.
     plain = copy.deepcopy(manifest)
-    del plain["graphs"]["vision_dynamic"]
+    del plain["graphs"]["vision_dynamic"], plain["graphs"]["vision_dynamic_multi"]
     ref = Pipeline(bundle, plain, threads=2).generate(images=[odd_image], prompt=prompt, max_new_tokens=24)
     assert ref.images[0]["served_by"] == "fallback (PyTorch eager)"
     assert ref.images[0]["grid_thw"] == dyn.images[0]["grid_thw"] != [1, 28, 28]
@@ -215,3 +237,40 @@ def test_encode_dynamic_checks_grids(bundle, manifest):
         with pytest.raises(RuntimeInputError, match=fragment):
             enc.encode_dynamic(x, grids)
     assert enc.encode_dynamic(x, [(1, 8, 12)]).image_features.shape == (24, 128)
+
+
+_MEMORY_CHILD = r"""
+import resource, sys
+import numpy as np
+from PIL import Image
+from qwen3vl_compile.bundle_check import open_checked
+from qwen3vl_compile.runtime.preprocess import ProcessorConfig, preprocess
+from qwen3vl_compile.runtime.vision import VisionEncoder
+import onnxruntime as ort
+bundle, system = sys.argv[1], sys.argv[2]
+m = open_checked(bundle)
+if system == "fallback":
+    del m["graphs"]["vision_dynamic"], m["graphs"]["vision_dynamic_multi"]
+img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
+p = preprocess(img, ProcessorConfig.from_dict(m["processor"]))
+enc = VisionEncoder(bundle, m, lambda f: ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]))
+r = enc.encode(p.pixel_values, p.grid_thw)
+print(r.served_by, "|", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow  # two fresh processes, each loading torch
+def test_any_size_graph_memory_stays_below_the_fallback(bundle):
+    """A 1024x1024 image (4096 patches): the per-image graph's process peaks below 1.5x the
+    PyTorch fallback's (measured 0.32x; the multi-image graph with its mask: 1.5x)."""
+    import subprocess
+    import sys
+
+    peaks = {}
+    for system in ("dynamic", "fallback"):
+        out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(bundle), system], capture_output=True, text=True,
+                             check=True).stdout.strip().splitlines()[-1]
+        served, kib = out.split(" | ")
+        assert served == {"dynamic": "dynamic graph", "fallback": "fallback (PyTorch eager)"}[system]
+        peaks[system] = int(kib)
+    assert peaks["dynamic"] <= 1.5 * peaks["fallback"], peaks

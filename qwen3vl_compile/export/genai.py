@@ -11,7 +11,7 @@ declares ``decoder.hidden_size = H * (1 + K)``, and three thin graphs wrap the v
 =====================  =======================  =========================================
 graph                  made from                passes
 =====================  =======================  =========================================
-genai_vision.onnx      vision_dynamic.onnx      PackDeepStackOutputsPass (features + levels)
+genai_vision.onnx      vision_dynamic_multi.onnx PackDeepStackOutputsPass (features + levels)
 genai_embedding.onnx   embedding.onnx           UnpackDeepStackInputsPass, PackDeepStackOutputsPass
 genai_decoder.onnx     decoder.onnx             UnpackDeepStackInputsPass
 =====================  =======================  =========================================
@@ -63,7 +63,9 @@ def _passes(kind: str):
 def _source_graphs(manifest: dict) -> dict[str, str]:
     """genai graph name -> the bundle graph it wraps; refuses a bundle without them."""
     graphs = manifest["graphs"]
-    dynamic = next((n for n, g in graphs.items() if g.get("kind") == "vision" and g.get("dynamic")), None)
+    # onnxruntime-genai sends every image of a prompt in one call: the multi-image graph.
+    dynamic = next((n for n, g in graphs.items() if g.get("kind") == "vision" and g.get("dynamic")
+                    and g.get("images_per_call", "any") == "any" and not g.get("deepstack_packing")), None)
     sources = {"genai_vision": dynamic, "genai_embedding": "embedding", "genai_decoder": "decoder"}
     missing = [name for name, src in sources.items() if src not in graphs]
     if missing:

@@ -1,8 +1,16 @@
-"""The any-size vision graph, ``vision_dynamic.onnx``: the image grid is a run-time input.
+"""The any-size vision graphs: the image grid is a run-time input.
 
-Inputs ``pixel_values [num_patches, C*T*P*P]`` float32 and ``image_grid_thw [num_images, 3]``
-int64 (several images of different sizes packed one after the other, as the Hugging Face
-processor packs them); outputs ``image_features [num_patches/4, out_hidden]`` and
+- ``vision_dynamic.onnx`` (``--buckets ...,dynamic``): **one image per call**, inputs
+  ``pixel_values [num_patches, C*T*P*P]`` float32 and ``image_grid_thw [1, 3]`` int64.
+  Attention takes no mask, so ONNX Runtime's attention kernel never materialises
+  patches x patches scores: memory is quadratic in nothing, as in the PyTorch fallback
+  (the runtime calls it once per image; several images cost several calls).
+- ``vision_dynamic_multi.onnx`` (``--target ort-genai``, whose runtime sends every image of a
+  prompt in one call): ``image_grid_thw [num_images, 3]``, images packed one after the other
+  as the Hugging Face processor packs them, separated by a block-diagonal attention mask
+  (``num_patches^2`` per head: for large images prefer the per-image graph).
+
+Outputs ``image_features [num_patches/4, out_hidden]`` and
 ``deepstack_features [K, num_patches/4, out_hidden]``, as the bucket graphs.
 
 Every grid-dependent tensor (position-table interpolation taps and weights, rotary
@@ -23,14 +31,18 @@ import numpy as np
 
 from ..errors import ExportError
 from ..verify import TOLERANCES, GraphParity, measure
+from ..runtime.vision import run_dynamic
 from .vision import EXTERNAL_DATA_THRESHOLD, OUTPUT_NAMES, pixel_values_from_u8, quiet_exporter, split_outputs
 
 GRAPH_NAME = "vision_dynamic"
+MULTI_GRAPH_NAME = "vision_dynamic_multi"
 INPUT_NAMES = ["pixel_values", "image_grid_thw"]
 # The graph interface, described once: axis names are the ONNX symbolic dimensions.
 DYNAMIC_AXES = {"pixel_values": {0: "num_patches"}, "image_grid_thw": {0: "num_images"}}
-# Example inputs traced at export: two non-square images of different sizes, so nothing
-# specialises on one image, on h == w or on one size. Parity grids must differ from these.
+PER_IMAGE_AXES = {"pixel_values": {0: "num_patches"}}  # image_grid_thw is [1, 3]
+# Example inputs traced at export: non-square images of different sizes, so nothing
+# specialises on h == w or on one size (nor, for the multi graph, on one image). Parity
+# grids must differ from these.
 EXPORT_GRIDS = ((1, 12, 10), (1, 4, 8))
 # Parity grids (t, h, w) in patches, none of them seen at export; h and w are even.
 PARITY_GRIDS = ((1, 8, 12), (1, 20, 14), (1, 16, 36), (1, 30, 30), (1, 6, 6))
@@ -59,16 +71,22 @@ def _dynamic_module(visual):
     return VisionDynamicModule().eval()
 
 
-def _dynamic_shapes():
+def _axes(per_image: bool) -> dict:
+    return PER_IMAGE_AXES if per_image else DYNAMIC_AXES
+
+
+def _dynamic_shapes(per_image: bool):
     from torch.export import Dim
 
     # num_patches is a multiple of 4 (2x2 merge); torch.export records that guard itself.
     dims = {"num_patches": Dim("num_patches", min=4), "num_images": Dim("num_images", min=1)}
-    return {name: {axis: dims[label] for axis, label in axes.items()} for name, axes in DYNAMIC_AXES.items()}
+    return {name: {axis: dims[label] for axis, label in _axes(per_image).get(name, {}).items()} or None
+            for name in INPUT_NAMES}
 
 
-def export_vision_dynamic(visual, out_dir: Path, *, passes=None) -> dict:
-    """Export, run the vision passes, save ``vision_dynamic.onnx``; return a report dict."""
+def export_vision_dynamic(visual, out_dir: Path, *, per_image: bool = True, passes=None) -> dict:
+    """Export, run the vision passes, save ``vision_dynamic.onnx`` (one image per call) or,
+    with ``per_image=False``, ``vision_dynamic_multi.onnx``; return a report dict."""
     import onnx_ir as ir
     import torch
 
@@ -76,39 +94,41 @@ def export_vision_dynamic(visual, out_dir: Path, *, passes=None) -> dict:
     from qwen3vl_compile.passes.base import run_passes
     from qwen3vl_compile.patches import vision_dynamic_export_patches
 
+    name = GRAPH_NAME if per_image else MULTI_GRAPH_NAME
+    grids = EXPORT_GRIDS[:1] if per_image else EXPORT_GRIDS
     patch_dim = visual.patch_embed.proj.weight[0].numel()
     example = (
-        torch.from_numpy(pixel_values_from_u8(random_pixel_u8(EXPORT_GRIDS, patch_dim, seed=0))),
-        torch.tensor(EXPORT_GRIDS, dtype=torch.int64),
+        torch.from_numpy(pixel_values_from_u8(random_pixel_u8(grids, patch_dim, seed=0))),
+        torch.tensor(grids, dtype=torch.int64),
     )
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
-        with quiet_exporter(log), vision_dynamic_export_patches() as patch_names:
+        with quiet_exporter(log), vision_dynamic_export_patches(per_image) as patch_names:
             program = torch.onnx.export(
                 _dynamic_module(visual),
                 example,
                 dynamo=True,
                 input_names=INPUT_NAMES,
                 output_names=OUTPUT_NAMES,
-                dynamic_shapes=_dynamic_shapes(),
+                dynamic_shapes=_dynamic_shapes(per_image),
                 optimize=True,
                 verbose=False,
             )
     except Exception as e:  # noqa: BLE001 - typed, with the exporter's log tail
         tail = "\n".join(log.getvalue().strip().splitlines()[-5:])
-        raise ExportError(f"{GRAPH_NAME}: torch.onnx.export failed: {type(e).__name__}: {e}\n{tail}") from e
+        raise ExportError(f"{name}: torch.onnx.export failed: {type(e).__name__}: {e}\n{tail}") from e
     export_seconds = time.perf_counter() - t0
     model = program.model
-    model.graph.name = GRAPH_NAME
-    _check_interface(model)
-    model, reports = run_passes(model, vision_passes() if passes is None else passes, graph=GRAPH_NAME)
-    path = out_dir / f"{GRAPH_NAME}.onnx"
+    model.graph.name = name
+    _check_interface(model, name, per_image)
+    model, reports = run_passes(model, vision_passes() if passes is None else passes, graph=name)
+    path = out_dir / f"{name}.onnx"
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     data_files = []
     if size > EXTERNAL_DATA_THRESHOLD:
-        ir.save(model, path, external_data=f"{GRAPH_NAME}.onnx.data")
-        data_files.append(f"{GRAPH_NAME}.onnx.data")
+        ir.save(model, path, external_data=f"{name}.onnx.data")
+        data_files.append(f"{name}.onnx.data")
     else:
         ir.save(model, path)
     out_hidden = visual.config.out_hidden_size
@@ -118,9 +138,10 @@ def export_vision_dynamic(visual, out_dir: Path, *, passes=None) -> dict:
         "kind": "vision",
         "precision": "fp32",
         "dynamic": True,
+        "images_per_call": 1 if per_image else "any",
         "inputs": [
             {"name": "pixel_values", "dtype": "float32", "shape": ["num_patches", patch_dim]},
-            {"name": "image_grid_thw", "dtype": "int64", "shape": ["num_images", 3]},
+            {"name": "image_grid_thw", "dtype": "int64", "shape": [1 if per_image else "num_images", 3]},
         ],
         "outputs": [
             {"name": "image_features", "dtype": "float32", "shape": ["num_patches/4", out_hidden]},
@@ -132,7 +153,7 @@ def export_vision_dynamic(visual, out_dir: Path, *, passes=None) -> dict:
         ],
         "export": {
             "exporter": f"torch.onnx.export(dynamo=True, dynamic_shapes) torch {torch.__version__}",
-            "example_grids": [list(g) for g in EXPORT_GRIDS],
+            "example_grids": [list(g) for g in grids],
             "seconds": round(export_seconds, 2),
         },
         "patches": patch_names,
@@ -140,15 +161,15 @@ def export_vision_dynamic(visual, out_dir: Path, *, passes=None) -> dict:
     }
 
 
-def _check_interface(model) -> None:
+def _check_interface(model, name: str = GRAPH_NAME, per_image: bool = True) -> None:
     """The exported inputs must keep their named dynamic axes: a graph that specialised on
     the example's sizes would run only on them."""
     for value in model.graph.inputs:
-        for axis, label in DYNAMIC_AXES.get(value.name, {}).items():
+        for axis, label in _axes(per_image).get(value.name, {}).items():
             dim = value.shape[axis] if value.shape is not None else None
             if getattr(dim, "value", None) == label:  # an onnx_ir SymbolicDim with our name
                 continue
-            raise ExportError(f"{GRAPH_NAME}: input {value.name!r} axis {axis} is {dim!r}, expected the dynamic {label!r}")
+            raise ExportError(f"{name}: input {value.name!r} axis {axis} is {dim!r}, expected the dynamic {label!r}")
 
 
 def reference_outputs(visual, pixel_values: np.ndarray, grids) -> dict[str, np.ndarray]:
@@ -174,15 +195,17 @@ def verify_vision_dynamic(
     seed: int = 1,
     threads: int = 0,
 ) -> GraphParity:
-    """Run ONNX Runtime and the unpatched tower on each grid in ``grids`` (one image per
-    call) and on ``multi_image`` (all in one call); measure every output. The multi-image
-    case is kept as the bundle's golden."""
+    """Run ONNX Runtime and the unpatched tower on each grid in ``grids`` and on
+    ``multi_image`` (Hugging Face: all images in one call; ours: one call, or with the
+    per-image graph one call per image, concatenated); measure every output. The bundle's
+    golden is the multi-image case (per-image graph: the first grid)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    per_image = session.get_inputs()[1].shape[0] == 1
     tol = TOLERANCES[("vision", "fp32")]
     patch_dim = visual.patch_embed.proj.weight[0].numel()
     cases, golden = {}, {}
@@ -190,21 +213,24 @@ def verify_vision_dynamic(
         u8 = random_pixel_u8(case, patch_dim, seed)
         x = pixel_values_from_u8(u8)
         thw = np.array(case, dtype=np.int64)
-        feats, deep = session.run(OUTPUT_NAMES, {"pixel_values": x, "image_grid_thw": thw})
+        feats, deep = run_dynamic(session, x, thw, per_image)
         actual = split_outputs(feats, deep)
         ref = reference_outputs(visual, x, case)
         cases[case_name(case)] = [measure(k, actual.get(k), ref[k], tol) for k in ref]
-        golden = {
-            "pixel_u8": u8,
-            "image_grid_thw": thw,
-            "image_features": ref["image_features"],
-            "deepstack_features": np.stack([ref[k] for k in sorted(ref) if k.startswith("deepstack_")]),
-        }
+        if not per_image or not golden:  # multi: the last (multi-image) case; per image: the first grid
+            golden = {
+                "pixel_u8": u8,
+                "image_grid_thw": thw,
+                "image_features": ref["image_features"],
+                "deepstack_features": np.stack([ref[k] for k in sorted(ref) if k.startswith("deepstack_")]),
+            }
+    how = "one call per image" if per_image else "one call per case"
     return GraphParity(
-        graph=GRAPH_NAME,
+        graph=GRAPH_NAME if per_image else MULTI_GRAPH_NAME,
         kind="vision",
         precision="fp32",
-        reference="unpatched transformers Qwen3VLVisionModel, fp32, grids not seen at export (one call per case)",
+        reference=f"unpatched transformers Qwen3VLVisionModel, fp32, grids not seen at export ({how})",
         cases=cases,
         golden=golden,
     )
+

@@ -3,7 +3,8 @@ graph; other sizes follow the ``on_miss`` policy:
 
 - ``fallback`` (default): the any-size graph ``vision_dynamic`` when the bundle has one
   (compiled with ``--buckets ...,dynamic``; ONNX Runtime, grid passed as
-  ``image_grid_thw``); otherwise the Hugging Face vision tower in PyTorch eager, built from
+  ``image_grid_thw``, one call per image so that memory is linear in the number of images
+  and attention never materialises patches x patches scores); otherwise the Hugging Face vision tower in PyTorch eager, built from
   the weights the bundle carries (``vision_fallback.safetensors`` + ``config.json``); torch
   and transformers are imported only then.
 - ``fit``: the caller resizes the image to the nearest bucket's size first (see
@@ -47,13 +48,30 @@ def buckets_from_manifest(manifest: dict) -> list[BucketGraph]:
     ]
 
 
-def dynamic_graph_from_manifest(manifest: dict) -> str | None:
-    """The file of the bundle's any-size vision graph, or None."""
-    for g in manifest.get("graphs", {}).values():
-        # genai_vision.onnx is dynamic too, but packs DeepStack for onnxruntime-genai.
-        if g.get("kind") == "vision" and g.get("dynamic") and not g.get("deepstack_packing"):
-            return g["file"]
-    return None
+def dynamic_graph_from_manifest(manifest: dict) -> tuple[str, bool] | None:
+    """The bundle's any-size vision graph: (file, one image per call), or None. The
+    per-image graph is preferred (its memory does not grow with patches^2)."""
+    found = [(g["file"], g.get("images_per_call") == 1) for g in manifest.get("graphs", {}).values()
+             # genai_vision.onnx is dynamic too, but packs DeepStack for onnxruntime-genai.
+             if g.get("kind") == "vision" and g.get("dynamic") and not g.get("deepstack_packing")]
+    return max(found, key=lambda f: f[1]) if found else None
+
+
+def run_dynamic(session, pixel_values: np.ndarray, grid_thw: np.ndarray, per_image: bool):
+    """``(image_features, deepstack_features)`` from an any-size vision graph for images
+    packed in ``pixel_values``: one call, or with a per-image graph one call per image,
+    outputs concatenated in order."""
+    names = ["image_features", "deepstack_features"]
+    if not per_image:
+        return session.run(names, {"pixel_values": pixel_values, "image_grid_thw": grid_thw})
+    feats, deep, start = [], [], 0
+    for thw in grid_thw:
+        n = int(np.prod(thw))
+        f, d = session.run(names, {"pixel_values": pixel_values[start:start + n], "image_grid_thw": thw[None]})
+        feats.append(f)
+        deep.append(d)
+        start += n
+    return np.concatenate(feats), np.concatenate(deep, axis=1)
 
 
 def check_grids(pixel_values: np.ndarray, grid_thw: np.ndarray, merge: int) -> None:
@@ -98,7 +116,7 @@ class VisionEncoder:
         self._session_factory = session_factory
         self._sessions: dict[str, object] = {}
         self._fallback = None
-        self.dynamic_file = dynamic_graph_from_manifest(manifest)
+        self.dynamic_file, self.dynamic_per_image = dynamic_graph_from_manifest(manifest) or (None, False)
         self.merge = int((manifest.get("processor") or {}).get("merge_size", 2))
 
     def bucket_for_grid(self, grid_thw) -> BucketGraph | None:
@@ -137,10 +155,8 @@ class VisionEncoder:
         t = time.perf_counter()
         grid_thw = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
         check_grids(pixel_values, grid_thw, self.merge)
-        feats, deep = self._session(self.dynamic_file).run(
-            ["image_features", "deepstack_features"],
-            {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32), "image_grid_thw": grid_thw},
-        )
+        feats, deep = run_dynamic(self._session(self.dynamic_file), np.ascontiguousarray(pixel_values, dtype=np.float32),
+                                  grid_thw, self.dynamic_per_image)
         return VisionResult(feats, deep, "dynamic graph", time.perf_counter() - t)
 
     def _session(self, file: str):
