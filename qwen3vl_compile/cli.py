@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="qwen3vl-compile",
         description="Compile a Hugging Face Qwen3-VL checkpoint into a verified, bucketed ONNX bundle.",
     )
-    p.add_argument("--model", default="tiny", help="checkpoint directory, or a preset: tiny (default), qwen3-vl-4b")
+    p.add_argument("--model", default="tiny", help="checkpoint directory, or a preset: tiny (default), tiny-moe, qwen3-vl-2b|4b|8b|32b|30b-a3b|235b-a22b "
+                        "(random weights), NAME:N for its first N text layers")
     p.add_argument("--buckets", default="224,448", help="vision image sizes, e.g. 224,448,448x672 (HEIGHTxWIDTH)")
     p.add_argument("-o", "--output", required=True, type=Path, help="bundle directory to create")
     p.add_argument("--precision", default="int4", choices=PRECISIONS, help="text decoder precision (default int4)")
