@@ -2,7 +2,6 @@
 truncated files, graphs from another bundle; and the bucket path runs without torch."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

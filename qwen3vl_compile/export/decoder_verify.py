@@ -126,16 +126,13 @@ def load_text_reference(ck: Checkpoint, layers: int):
     """Hugging Face's model with its first ``layers`` text layers, final norm and lm_head in
     fp32 read from the checkpoint (the vision tower and the embedding table stay on the meta
     device: the gate feeds ``inputs_embeds``)."""
-    import torch
-
     model = _reference_skeleton(ck, layers)
     lm = model.model.language_model
     for name, meta in list(lm.named_parameters()):
         if name.startswith("embed_tokens."):
             continue
         _set_param(lm, name, _reference_tensor(ck, name, tuple(meta.shape)))
-    head_key = ck.find("embed_tokens.weight", TEXT_PREFIXES) if ck.tie_word_embeddings else _lm_head_key(ck)
-    model.lm_head.weight = torch.nn.Parameter(ck.tensor(head_key).to(torch.float32), requires_grad=False)
+    _load_lm_head(ck, model)
     # Non-persistent buffers (rotary inv_freq) are not in the checkpoint: build them.
     lm.rotary_emb = type(lm.rotary_emb)(config=model.config.text_config)
     left = [n for n, p in [*lm.named_parameters(), *lm.named_buffers()] if p.is_meta and not n.startswith("embed_tokens.")]
@@ -165,10 +162,14 @@ def _reference_tensor(ck: Checkpoint, name: str, shape: tuple[int, ...]):
     return t
 
 
-def _lm_head_key(ck: Checkpoint) -> str:
-    from .text_decoder import _lm_head_key as key
+def _load_lm_head(ck: Checkpoint, model) -> None:
+    """lm_head in fp32: the embedding table when tied, else the checkpoint's lm_head."""
+    import torch
 
-    return key(ck)
+    from .text_decoder import _lm_head_key
+
+    key = ck.find("embed_tokens.weight", TEXT_PREFIXES) if ck.tie_word_embeddings else _lm_head_key(ck)
+    model.lm_head.weight = torch.nn.Parameter(ck.tensor(key).to(torch.float32), requires_grad=False)
 
 
 def _rounded_matrices(module, options: DecoderOptions) -> list:
@@ -373,8 +374,7 @@ def run_reference_streaming(ck: Checkpoint, layers: int, options: DecoderOptions
                             out[torch.from_numpy(c.mask)] += torch.from_numpy(c.deepstack[index][c.mask])
                         states[j] = out
             _free_layer(lm, index)
-        head_key = ck.find("embed_tokens.weight", TEXT_PREFIXES) if ck.tie_word_embeddings else _lm_head_key(ck)
-        model.lm_head.weight = torch.nn.Parameter(ck.tensor(head_key).to(torch.float32), requires_grad=False)
+        _load_lm_head(ck, model)
         results = {}
         for v in variants:
             if v == "oracle" and _head_is_rounded(options):
