@@ -3,7 +3,8 @@
 At compile time each graph keeps one input and its PyTorch reference output in
 ``golden/<graph>.npz``; :func:`check_golden` runs the graph on that input and compares with
 the tolerance recorded in the manifest: the precision's gate where there is one (fp32:
-1e-4), and for int4 (reported, not gated, at compile time) "no worse than measured at
+1e-4), or the tolerance the compile recorded with the golden; for graphs without a gate
+(bundles from older versions) "no worse than measured at
 compile time", with a margin for other CPUs' int8 kernels.
 """
 

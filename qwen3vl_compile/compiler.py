@@ -178,7 +178,7 @@ def _embedding(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict
     if not cfg.verify:
         return []
     with progress.stage("verify embedding"):
-        parity = verify_embedding(staging / report["file"], ck, precision=report["precision"])
+        parity = verify_embedding(staging / report["file"], ck, precision=report["precision"], block_size=cfg.block_size)
     _record_parity(manifest, staging, "embedding", parity)
     return parity.failures()
 

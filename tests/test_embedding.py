@@ -124,3 +124,13 @@ def test_int4_embedding_shares_the_lm_head_bytes(tiny_checkpoint, tmp_path):
                                      "deepstack_features": np.zeros((3, 0, 128), np.float32)})
     np.testing.assert_allclose(embeds[0], deq[ids[0]], rtol=0, atol=1e-6)
     assert np.abs(embeds[0] - w[ids[0]]).max() > 1e-3  # quantized: not the fp32 table
+    # The compile-time gate: exact against the quantize-dequantize oracle, and a table
+    # quantized another way (block 64 oracle for block-32 bytes) fails it.
+    from qwen3vl_compile.export.embedding import verify_embedding
+
+    parity = verify_embedding(tmp_path / "embedding.onnx", tiny_checkpoint, precision="int4", block_size=32)
+    assert parity.passed, parity.failures()
+    assert max(o.max_rel for outs in parity.cases.values() for o in outs if o.name != 'inputs_embeds_vs_unrounded') < 1e-6
+    reported = [o for outs in parity.cases.values() for o in outs if o.name == "inputs_embeds_vs_unrounded"]
+    assert reported and all(o.max_rel > 1e-3 for o in reported)
+    assert not verify_embedding(tmp_path / "embedding.onnx", tiny_checkpoint, precision="int4", block_size=64).passed

@@ -263,8 +263,10 @@ def reference_embedding(weight, input_ids: np.ndarray, image_features: np.ndarra
     return {"inputs_embeds": out.numpy(), "deepstack_embeds": torch.stack(levels).numpy() if levels else np.zeros((0,) + tuple(embeds.shape), np.float32)}
 
 
-def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3, precision: str = "fp32"):
-    """Parity of embedding.onnx against the reference on a text-only and a two-image prompt."""
+def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3, precision: str = "fp32", block_size: int = 32):
+    """Parity of embedding.onnx against the reference on a text-only and a two-image prompt.
+    For ``int4`` the reference table rows are the INT4 lm_head's own quantize-dequantize
+    round trip (the oracle, gated); the distance to the unquantized rows is reported."""
     import onnxruntime as ort
 
     from ..verify import TOLERANCES, GraphParity, measure
@@ -280,6 +282,18 @@ def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3, precisio
     two_images = np.concatenate([text[:, :3], np.full((1, 4), pad), text[:, 3:6], np.full((1, 6), pad), text[:, 6:]], axis=1)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     tol = TOLERANCES[("embedding", precision)]
+    plain = weight
+    if precision == "int4":  # rows are quantized independently: the rows used are enough
+        import torch
+
+        from .quantize import dequantize_int4, quantize_int4
+
+        used = torch.from_numpy(np.unique(np.concatenate([text.ravel(), two_images.ravel()])))
+        plain = weight[used]
+        packed, scales = quantize_int4(plain.numpy().T, block_size)
+        weight = torch.zeros((int(used.max()) + 1, hidden))
+        weight[used] = torch.from_numpy(dequantize_int4(packed, scales, hidden).T.copy())
+        plain = torch.zeros_like(weight).index_copy_(0, used, plain)
     cases, golden = {}, {}
     for case, ids in (("text_only", text), ("two_images", two_images)):
         m = int(np.isin(ids, pads).sum())
@@ -288,6 +302,11 @@ def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3, precisio
         got = dict(zip(OUTPUT_NAMES, session.run(OUTPUT_NAMES, {"input_ids": ids, "image_features": feats, "deepstack_features": deep})))
         ref = reference_embedding(weight, ids, feats, deep, pads)
         cases[case] = [measure(k, got[k], ref[k], tol) for k in OUTPUT_NAMES]
+        if precision == "int4":  # what the INT4 table costs: reported, not gated
+            unrounded = reference_embedding(plain, ids, feats, deep, pads)["inputs_embeds"]
+            cases[case].append(measure("inputs_embeds_vs_unrounded", got["inputs_embeds"], unrounded, float("inf")))
         if case == "two_images":
             golden = {"input_ids": ids, "image_features": feats, "deepstack_features": deep, **ref}
-    return GraphParity("embedding", "embedding", precision, "torch embedding + masked_scatter (Qwen3VLModel.forward)", cases, golden)
+    what = f", rows quantize-dequantized (INT4, block {block_size})" if precision == "int4" else ""
+    return GraphParity("embedding", "embedding", precision, f"torch embedding + masked_scatter (Qwen3VLModel.forward){what}",
+                       cases, golden)
