@@ -16,8 +16,7 @@ from pathlib import Path
 from .bundle import sha256_file
 from .errors import BundleError
 
-MANIFEST = "manifest.json"
-SCHEMA = "qwen3vl-compile/manifest"
+from .manifest import MANIFEST, SCHEMA, SCHEMA_VERSION
 
 
 def canonical_sha256(manifest: dict) -> str:
@@ -33,12 +32,16 @@ def load_manifest(root: Path) -> dict:
         raise BundleError(f"{path}: missing (not a qwen3vl-compile bundle?)")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}: unreadable ({e})") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{path}: not a JSON object (not a qwen3vl-compile manifest)")
     if manifest.get("schema") != SCHEMA:
         raise BundleError(f"{path}: schema {manifest.get('schema')!r} is not {SCHEMA!r}")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
+        raise BundleError(f"{path}: schema_version {version!r}: this qwen3vl-compile reads versions 1 to {SCHEMA_VERSION} "
+                          "(a bundle from a newer version needs a newer qwen3vl-compile)")
     return manifest
 
 

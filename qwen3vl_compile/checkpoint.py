@@ -19,11 +19,14 @@ from typing import Any, Iterator
 
 from .errors import LoadError
 from .presets import PRESETS, is_preset, materialize_preset
-from .tokens import SPECIAL_TOKENS
+from .tokens import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 # Dense and MoE Qwen3-VL: architecture -> model_type.
 ARCHITECTURES = {"Qwen3VLForConditionalGeneration": "qwen3_vl", "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe"}
 VISION_PREFIXES = ("model.visual.", "visual.")
+# config.json field -> the token it names.
+VISION_TOKENS = {"image_token_id": IMAGE_PAD, "video_token_id": VIDEO_PAD, "vision_start_token_id": VISION_START,
+                 "vision_end_token_id": VISION_END}
 TEXT_PREFIXES = ("model.language_model.", "model.", "language_model.model.")
 
 
@@ -106,25 +109,44 @@ class Checkpoint:
         check_text_weights(ck)
         return ck
 
+    def tokenizer(self):
+        """The checkpoint's ``tokenizers`` tokenizer (tokenizer.json), loaded once."""
+        if "_tokenizer" not in self.__dict__:
+            tok_file = self.path / "tokenizer.json"
+            if not tok_file.is_file():
+                raise LoadError(f"{self.path}: no tokenizer.json")
+            from tokenizers import Tokenizer
+
+            try:
+                self.__dict__["_tokenizer"] = Tokenizer.from_file(str(tok_file))
+            except Exception as e:  # the tokenizers library raises its own exception type
+                raise LoadError(f"{tok_file}: not a readable tokenizer ({e})") from None
+        return self.__dict__["_tokenizer"]
+
+    def token_id(self, field: str) -> int:
+        """A vision token id (``image_token_id``, ...): config.json's value, else the
+        tokenizer's id for the token (checkpoints carry both; check_tokenizer makes them agree)."""
+        value = self.config.get(field)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        got = self.tokenizer().token_to_id(VISION_TOKENS[field])
+        if got is None:
+            raise LoadError(f"{self.path}: config.json has no {field} and the tokenizer lacks {VISION_TOKENS[field]}")
+        return got
+
+    def text_token_id(self, token: str) -> int | None:
+        """The id of a chat token (``<|im_end|>``, ``<|endoftext|>``) in this tokenizer."""
+        return self.tokenizer().token_to_id(token)
+
     def check_tokenizer(self) -> None:
         """The vocabulary must carry the vision tokens at the ids the config names."""
-        tok_file = self.path / "tokenizer.json"
-        if not tok_file.is_file():
-            raise LoadError(f"{self.path}: no tokenizer.json")
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(tok_file))
-        for field, token in (
-            ("image_token_id", "<|image_pad|>"),
-            ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"),
-            ("vision_end_token_id", "<|vision_end|>"),
-        ):
-            want = self.config.get(field, SPECIAL_TOKENS[token])
+        tok = self.tokenizer()
+        for field, token in VISION_TOKENS.items():
+            want = self.config.get(field)
             got = tok.token_to_id(token)
             if got is None:
                 raise LoadError(f"{self.path}: tokenizer vocabulary lacks {token} (config.{field} = {want})")
-            if got != want:
+            if want is not None and got != want:
                 raise LoadError(f"{self.path}: tokenizer maps {token} to {got} but config.{field} = {want}")
 
     # ---- config accessors ----------------------------------------------------------

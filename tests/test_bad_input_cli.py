@@ -4,6 +4,7 @@ a failed check). Output piped into a closed pipe and an ASCII-only terminal are 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -147,3 +148,14 @@ def test_ascii_terminal_and_quiet_mode(bundle, tmp_path):
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     p = _sh(f"{BIN}/qwen3vl-compile --model tiny --graphs embedding -o {tmp_path / 'q'} -q")
     assert p.returncode == 0 and p.stderr == "", p.stderr  # no upstream warnings when quiet
+
+
+def test_manifest_from_a_newer_version(bundle, tmp_path, capsys):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    m = json.loads((b / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (b / "manifest.json").write_text(json.dumps(m))
+    _one_line(capsys, 1, bundle_main(["verify", str(b)]), "schema_version 99", "newer qwen3vl-compile")

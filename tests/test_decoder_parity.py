@@ -300,7 +300,6 @@ def test_int4_cosine_and_top1_against_fp32(prompts, decoders, fp32_session):
     q, f = np.concatenate(ours), np.concatenate(fp32)
     m = measure("logits", q, f, float("inf"), logits=True)
     assert np.isfinite(m.max_abs) and m.max_rel > 1e-3  # quantized, and visibly so
-    assert 0.0 <= m.top1_agreement <= 1.0 and -1.0 <= m.cosine <= 1.0
     unrelated = _row_cosines(f, np.roll(f, 1, axis=0)).mean()
     assert _row_cosines(q, f).mean() > max(0.8, unrelated + 0.4)
 

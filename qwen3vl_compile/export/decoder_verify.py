@@ -232,9 +232,8 @@ def _cases(ck: Checkpoint, skeleton, seed: int) -> dict[str, _Case]:
     """Prompts with embeddings read from the checkpoint's table and HF's MRoPE positions."""
     import torch
 
-    cfg = ck.config
-    image_id = cfg["image_token_id"]
-    vs, ve = cfg["vision_start_token_id"], cfg["vision_end_token_id"]
+    image_id = ck.token_id("image_token_id")
+    vs, ve = ck.token_id("vision_start_token_id"), ck.token_id("vision_end_token_id")
     merge = ck.vision_config["spatial_merge_size"]
     spec = DecoderSpec.from_checkpoint(ck, 1)
     gen = np.random.default_rng(seed)

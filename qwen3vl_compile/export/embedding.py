@@ -196,7 +196,7 @@ def build_embedding(ck: Checkpoint, out_dir: Path, *, precision: str = "auto", b
         weight = _table(ck, key, precision)
         stored = str(weight.dtype)
     levels = len(ck.vision_config.get("deepstack_visual_indexes", []))
-    pads = (ck.config.get("image_token_id", 151655), ck.config.get("video_token_id", 151656))
+    pads = (ck.token_id("image_token_id"), ck.token_id("video_token_id"))
     model = build_embedding_graph(weight, num_levels=levels, pad_token_ids=pads)
     del weight
     path = out_dir / "embedding.onnx"
@@ -239,7 +239,7 @@ def _report(path, data_files, precision, stored, levels, ck, reports) -> dict:
             {"name": "inputs_embeds", "dtype": "float32", "shape": ["batch_size", "sequence_length", hidden]},
             {"name": "deepstack_embeds", "dtype": "float32", "shape": [levels, "batch_size", "sequence_length", hidden]},
         ],
-        "pad_token_ids": [ck.config.get("image_token_id", 151655), ck.config.get("video_token_id", 151656)],
+        "pad_token_ids": [ck.token_id("image_token_id"), ck.token_id("video_token_id")],
         "passes": reports,
     }
 
@@ -275,8 +275,8 @@ def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3, precisio
     weight = ck.tensor(key).float()
     hidden = weight.shape[1]
     levels = len(ck.vision_config.get("deepstack_visual_indexes", []))
-    pad = ck.config.get("image_token_id", 151655)
-    pads = (pad, ck.config.get("video_token_id", 151656))
+    pad = ck.token_id("image_token_id")
+    pads = (pad, ck.token_id("video_token_id"))
     rng = np.random.default_rng(seed)
     text = rng.integers(0, 1000, size=(1, 12)).astype(np.int64)
     two_images = np.concatenate([text[:, :3], np.full((1, 4), pad), text[:, 3:6], np.full((1, 6), pad), text[:, 6:]], axis=1)

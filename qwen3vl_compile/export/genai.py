@@ -126,18 +126,18 @@ def genai_config(ck, manifest: dict) -> dict:
     """``genai_config.json`` for onnxruntime-genai's ``qwen3_vl`` model type."""
     spec = manifest["graphs"]["decoder"]["spec"]
     gen = manifest.get("generation") or {}
-    eos = gen.get("eos_token_id", [151645, 151643])
-    cfg = ck.config
+    chat_end, text_end = ck.text_token_id("<|im_end|>"), ck.text_token_id("<|endoftext|>")
+    eos = gen.get("eos_token_id", [t for t in (chat_end, text_end) if t is not None])
     io = {"session_options": {"log_id": "onnxruntime-genai", "provider_options": []}}
     return {
         "model": {
             "type": GENAI_MODEL_TYPE,
-            "bos_token_id": gen.get("bos_token_id", 151643),
-            "pad_token_id": gen.get("pad_token_id", 151643),
+            "bos_token_id": gen.get("bos_token_id", text_end),
+            "pad_token_id": gen.get("pad_token_id", text_end),
             "eos_token_id": eos if isinstance(eos, list) else [eos],
-            "image_token_id": cfg.get("image_token_id", 151655),
-            "video_token_id": cfg.get("video_token_id", 151656),
-            "vision_start_token_id": cfg.get("vision_start_token_id", 151652),
+            "image_token_id": ck.token_id("image_token_id"),
+            "video_token_id": ck.token_id("video_token_id"),
+            "vision_start_token_id": ck.token_id("vision_start_token_id"),
             "vocab_size": spec["vocab"],
             "context_length": spec["context_length"],
             "decoder": {

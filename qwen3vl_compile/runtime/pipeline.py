@@ -59,8 +59,9 @@ class Pipeline:
         self.config = json.loads((self.root / "config.json").read_text())
         self.processor = ProcessorConfig.from_dict(manifest.get("processor") or {})
         self.chat = ChatFormatter(self.root)
-        self.image_token_id = self.config.get("image_token_id", 151655)
-        self.video_token_id = self.config.get("video_token_id", 151656)
+        # The bundle's config.json names the vision tokens; else its tokenizer does.
+        self.image_token_id = self.config.get("image_token_id") or self.chat.tokenizer.token_to_id("<|image_pad|>")
+        self.video_token_id = self.config.get("video_token_id") or self.chat.tokenizer.token_to_id("<|video_pad|>")
         self.merge = self.config.get("vision_config", {}).get("spatial_merge_size", 2)
         # Never generated (see Sampler): the image/video pads and <|vision_pad|>.
         self.placeholder_ids = {self.image_token_id, self.video_token_id, self.chat.tokenizer.token_to_id("<|vision_pad|>")}
