@@ -119,3 +119,33 @@ def test_layer_streaming_reference_equals_the_whole_model(model, precision):
     for name in cases:
         np.testing.assert_array_equal(s_plain[name], plain[name])
         np.testing.assert_array_equal(s_oracle[name], oracle[name])
+
+
+def test_hub_layout_experts_compile_and_pass_the_gate(tmp_path):
+    """The Hub's Qwen3-VL MoE files store experts as [E, H, 2I] / [E, I, H] (transposed against
+    transformers 5's in-memory layout): a checkpoint in either layout compiles to the same
+    decoder and passes the gate. Expert size 32, so that 2I != H and the layouts differ."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from qwen3vl_compile.presets import preset_config
+    from qwen3vl_compile.presets.materialize import build_random_model, write_checkpoint
+
+    values = preset_config("tiny-moe")
+    values["text_config"]["moe_intermediate_size"] = 32
+    memory = write_checkpoint(tmp_path / "memory", build_random_model(values, seed=3))
+    hub = write_checkpoint(tmp_path / "hub", build_random_model(values, seed=3))
+    for f in hub.glob("*.safetensors"):
+        tensors = {k: v.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else v
+                   for k, v in load_file(str(f)).items()}
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    gu = next(v for k, v in tensors.items() if k.endswith("experts.gate_up_proj"))
+    assert tuple(gu.shape) == (8, 128, 64)  # [E, H, 2I]
+    logits = {}
+    for name, d in (("memory", memory), ("hub", hub)):
+        out = tmp_path / f"bundle-{name}"
+        assert compile_main(["--model", str(d), "--graphs", "decoder", "--precision", "fp32", "-o", str(out), "-q"]) == 0
+        parity = json.loads((out / "manifest.json").read_text())["parity"]["decoder"]
+        assert parity["passed"] and max(c["logits"]["max_rel"] for c in parity["cases"].values()) < 1e-5
+        logits[name] = np.load(out / "golden" / "decoder.npz")["reference_logits"]
+    np.testing.assert_array_equal(logits["memory"], logits["hub"])
