@@ -24,7 +24,9 @@ class Patch:
     attribute: str
     replacement: Any
     reason: str
-    versions: str = "transformers>=5.20"
+    # The upstream versions the patch was written and tested for (a pip requirement, then
+    # optional words in parentheses); applying it to another version is refused.
+    versions: str = "transformers>=5.20,<5.40"
 
     @property
     def name(self) -> str:
@@ -37,6 +39,7 @@ class Patch:
         # never turns an inherited attribute into an own one.
         own = vars(self.target) if hasattr(self.target, "__dict__") else {}
         original = own.get(self.attribute, _MISSING)
+        check_versions(self)
         if original is _MISSING and not hasattr(self.target, self.attribute):
             raise PatchError(f"{self.name}: upstream attribute not found ({self.versions}); cannot patch")
         setattr(self.target, self.attribute, self.replacement)
@@ -47,6 +50,22 @@ class Patch:
                 delattr(self.target, self.attribute)
             else:
                 setattr(self.target, self.attribute, original)
+
+
+def check_versions(patch: Patch) -> None:
+    """Refuse to apply ``patch`` to an upstream version outside ``patch.versions``."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    req = Requirement(patch.versions.split(" (")[0])
+    try:
+        installed = importlib.metadata.version(req.name)
+    except importlib.metadata.PackageNotFoundError:
+        raise PatchError(f"{patch.name}: {req.name} is not installed ({patch.versions})") from None
+    if not req.specifier.contains(installed, prereleases=True):
+        raise PatchError(f"{patch.name}: written for {patch.versions}, found {req.name} {installed}; "
+                         "install a supported version (see pyproject.toml)")
 
 
 @contextlib.contextmanager

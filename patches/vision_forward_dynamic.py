@@ -30,7 +30,7 @@ from .base import Patch
 from .dynamic_grid import PatchCoordinates, block_diagonal_mask_from_segments, patch_coordinates
 
 TARGET = Qwen3VLVisionModel
-VERSIONS = "transformers>=5.20 (vision_utils._interpolation_axis_taps_weights)"
+VERSIONS = "transformers>=5.20,<5.40 (vision_utils._interpolation_axis_taps_weights)"
 
 
 def interpolation_taps(coords: PatchCoordinates, side: int, mode: str, align_corners: bool):

@@ -79,3 +79,18 @@ def test_rollback_when_applying_fails_halfway(tiny_visual):
 def test_patch_records_reason(tiny_visual):
     for p in vision_patches(tiny_visual, [(1, 14, 14)]):
         assert len(p.reason) > 40, p.name
+
+
+def test_a_patch_refuses_an_upstream_version_it_was_not_written_for(tiny_visual):
+    import dataclasses
+
+    from qwen3vl_compile.errors import PatchError
+    from qwen3vl_compile.patches import vision_dynamic_patches
+    from qwen3vl_compile.patches.base import apply_patches
+
+    patch = dataclasses.replace(vision_dynamic_patches()[0], versions="transformers<5.0 (made up)")
+    before = type(tiny_visual).__dict__["forward"]
+    with pytest.raises(PatchError, match=r"written for transformers<5.0 \(made up\), found transformers 5\."):
+        with apply_patches([patch]):
+            pass
+    assert type(tiny_visual).__dict__["forward"] is before
