@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .manifest import interface_name
 from .verify import TOLERANCES, GraphParity, measure
 
 
@@ -44,11 +45,7 @@ def check_interface(session, manifest: dict, name: str) -> list[str]:
             continue
         real = {}
         for v in values:
-            key = v.name
-            for prefix in ("past_key_values.", "present."):
-                if key.startswith(prefix):
-                    key = prefix + "{i}." + key.rsplit(".", 1)[1]
-            real.setdefault(key, v)
+            real.setdefault(interface_name(v.name), v)
         claimed = {c["name"]: c for c in graph[side]}
         if set(real) != set(claimed):
             problems.append(f"{name}: {side} are {sorted(real)}, the manifest says {sorted(claimed)}")

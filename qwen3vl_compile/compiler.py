@@ -246,7 +246,7 @@ def _gate_decoder(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: d
                                     f"available memory ({avail / 2**30:.1f} GiB) beside the compile")
     else:
         with progress.stage("record the shipped decoder's golden"):
-            parity.golden = self_golden(shipped, ck, threads=cfg.threads)
+            parity.golden = self_golden(shipped, parity.golden, threads=cfg.threads)
         parity.details["golden_source"] = "the shipped decoder's own logits at compile time (its parity is gated on the slice)"
     _record_parity(manifest, staging, "decoder", parity)
     return parity.failures()

@@ -38,6 +38,15 @@ MANIFEST = "manifest.json"
 _LIBS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "numpy", "tokenizers")
 
 
+def interface_name(name: str) -> str:
+    """How a graph input/output is named in the manifest: the per-layer KV cache
+    (``past_key_values.3.key``, ``present.3.value``) folded to one ``{i}`` entry."""
+    for prefix in ("past_key_values.", "present."):
+        if name.startswith(prefix):
+            return prefix + "{i}." + name.rsplit(".", 1)[1]
+    return name
+
+
 def library_versions() -> dict[str, str | None]:
     out = {}
     for lib in _LIBS:

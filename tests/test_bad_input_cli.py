@@ -29,6 +29,14 @@ def bundle(tmp_path_factory):
     return out
 
 
+def _exit_code(main, argv) -> int:
+    """A command's exit code, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def _one_line(capsys, code, rc, *needles):
     err = capsys.readouterr().err.strip()
     assert rc == code, err
@@ -55,11 +63,7 @@ COMPILE_CASES = [
 @pytest.mark.parametrize("args,code,needle", COMPILE_CASES, ids=[" ".join(c[0]) for c in COMPILE_CASES])
 def test_compile_refuses_bad_arguments(tmp_path, capsys, args, code, needle):
     out = tmp_path / "out"
-    try:
-        rc = compile_main(["--model", "tiny", "-o", str(out), "-q", *args])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    _one_line(capsys, code, rc, needle)
+    _one_line(capsys, code, _exit_code(compile_main, ["--model", "tiny", "-o", str(out), "-q", *args]), needle)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -91,11 +95,7 @@ RUN_CASES = [
 @pytest.mark.parametrize("args,code,needle", RUN_CASES, ids=[" ".join(c[0]) for c in RUN_CASES])
 def test_run_refuses_bad_arguments(bundle, images, capsys, args, code, needle):
     args = [str(images / "folder.png") if a == "__DIR__" else a for a in args]
-    try:
-        rc = run_main([str(bundle), "--prompt", "Hi", *args])
-    except SystemExit as e:
-        rc = e.code
-    _one_line(capsys, code, rc, needle)
+    _one_line(capsys, code, _exit_code(run_main, [str(bundle), "--prompt", "Hi", *args]), needle)
 
 
 def test_manifest_that_is_not_an_object(bundle, tmp_path, capsys):

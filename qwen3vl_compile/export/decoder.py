@@ -32,6 +32,7 @@ import onnx_ir as ir
 
 from ..checkpoint import Checkpoint
 from ..errors import ExportError, Qwen3VLCompileError, UsageError
+from ..manifest import interface_name
 from .text_decoder import PRECISIONS, build_decoder_model, save_streaming
 
 LOGITS_MODES = ("all", "last")
@@ -170,10 +171,7 @@ def graph_interface(graph: ir.Graph) -> dict:
     def describe(values) -> list[dict]:
         out, seen = [], set()
         for v in values:
-            name = v.name
-            for prefix in ("past_key_values.", "present."):
-                if name.startswith(prefix):
-                    name = prefix + "{i}." + name.rsplit(".", 1)[1]
+            name = interface_name(v.name)
             if name in seen:
                 continue
             seen.add(name)

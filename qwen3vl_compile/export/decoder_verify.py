@@ -275,13 +275,17 @@ def run_onnx(path: Path, cases: dict[str, _Case], *, threads: int = 0) -> dict[s
     from ..runtime.decoder_session import DecoderSession
 
     session = DecoderSession(path, max_length=256, threads=threads)
-    out = {}
-    for name, c in cases.items():
-        rows = [session.prefill(c.embeds, c.positions, c.deepstack if session.has_deepstack else None)[0, -1]]
-        for t in range(DECODE_STEPS):
-            rows.append(session.step(c.step_embeds[t], c.step_positions(t))[0, -1])
-        out[name] = np.stack(rows)
-    return out
+    return {name: _decode_rows(session, c.embeds, c.positions, c.deepstack, c.step_embeds,
+                               [c.step_positions(t) for t in range(DECODE_STEPS)]) for name, c in cases.items()}
+
+
+def _decode_rows(session, embeds, positions, deepstack, step_embeds, step_positions) -> np.ndarray:
+    """A prefill then one decode step per entry of ``step_embeds``: the last position's
+    logits of each call, ``[1 + steps, vocab]``."""
+    rows = [session.prefill(embeds, positions, deepstack if session.has_deepstack else None)[0, -1]]
+    for e, p in zip(step_embeds, step_positions):
+        rows.append(session.step(e, p)[0, -1])
+    return np.stack(rows)
 
 
 def run_reference(model, cases: dict[str, _Case]) -> dict[str, np.ndarray]:
@@ -467,9 +471,13 @@ def _golden(c: _Case, logits: np.ndarray) -> dict[str, np.ndarray]:
             "reference_logits": logits}
 
 
-def self_golden(onnx_path: Path, ck: Checkpoint, *, threads: int = 0, seed: int = 5) -> dict[str, np.ndarray]:
-    """For a decoder gated through a truncated slice: the ``image`` case's inputs and the
-    shipped graph's own logits at compile time (``verify`` then detects any later change)."""
-    skeleton = _reference_skeleton(ck, 1)
-    c = _cases(ck, skeleton, seed)["image"]
-    return _golden(c, run_onnx(Path(onnx_path), {"image": c}, threads=threads)["image"])
+def self_golden(onnx_path: Path, golden: dict[str, np.ndarray], *, threads: int = 0) -> dict[str, np.ndarray]:
+    """For a decoder gated through a truncated slice: the gate's golden inputs (its ``image``
+    case) with the shipped graph's own logits at compile time (``verify`` then detects any
+    later change)."""
+    from ..runtime.decoder_session import DecoderSession
+
+    session = DecoderSession(Path(onnx_path), max_length=256, threads=threads)
+    logits = _decode_rows(session, golden["prefill_embeds"], golden["prefill_positions"], golden["prefill_deepstack"],
+                          golden["step_embeds"], golden["step_positions"])
+    return {**golden, "reference_logits": logits}
