@@ -97,7 +97,7 @@ def genai_parity(path, ck, reference):
     import torch
 
     from qwen3vl_compile.runtime.decoder_session import DecoderSession
-    from qwen3vl_compile.verify import measure
+    from qwen3vl_compile.parity import measure
 
     model, _ = reference
     ids = np.random.default_rng(5).integers(0, 5000, 8)

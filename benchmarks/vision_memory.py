@@ -27,7 +27,7 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np
 from PIL import Image
-from qwen3vl_compile.bundle_check import open_checked
+from qwen3vl_compile.bundle.check import open_checked
 from qwen3vl_compile.runtime.preprocess import ProcessorConfig, preprocess
 from qwen3vl_compile.runtime.vision import VisionEncoder, run_dynamic
 bundle, size, system = sys.argv[1], int(sys.argv[2]), sys.argv[3]

@@ -13,7 +13,7 @@ from .buckets import DYNAMIC, parse_buckets
 from .config import GRAPH_KINDS, PRECISIONS, TARGETS, CompileConfig
 from .cli_io import OneLineParser, run_cli
 from .errors import Qwen3VLCompileError
-from .verify import parity_summary
+from .parity import parity_summary
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("inspect", "verify"):
-        from . import bundle_cli
+        from .bundle import cli as bundle_cli
 
         return bundle_cli.main(argv)
     return run_cli(lambda: _compile(argv))

@@ -13,11 +13,11 @@ import resource
 import shutil
 from pathlib import Path
 
-from .bundle import BundleWriter
+from .bundle.writer import STAGING_MARKER, BundleWriter
 from .checkpoint import Checkpoint, resolve_model_source
 from .config import CompileConfig
 from .errors import LoadError, UsageError, VerifyError, WriteError
-from .manifest import hash_files, new_manifest, write_manifest
+from .bundle.manifest import hash_files, new_manifest, write_manifest
 from .presets import is_preset
 from .progress import Progress
 from .support import check_build_options
@@ -101,7 +101,7 @@ def _build(ck: Checkpoint, cfg: CompileConfig, path: Path, writer: BundleWriter,
                     shutil.copy2(src, staging / name)
             manifest["timings"] = dict(progress.timings)
             manifest["peak_rss_bytes"] = peak_rss_bytes()
-            hash_files(staging, manifest)
+            hash_files(staging, manifest, exclude=(STAGING_MARKER,))
             write_manifest(staging, manifest)
         writer.commit()
     return manifest
@@ -280,7 +280,7 @@ def _genai(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, pr
 def _recheck_goldens(staging: Path, manifest: dict, cfg: CompileConfig, progress: Progress) -> None:
     """What ships is what was checked: after every rewrite (shared vision weights, wrapper
     graphs), each graph's golden input is run again on the files as they will ship."""
-    from .bundle_golden import check_golden
+    from .bundle.goldens import check_golden
 
     names = [n for n, p in manifest["parity"].items() if p.get("golden")]
     failures = []
@@ -305,7 +305,7 @@ def _record_parity(manifest: dict, staging: Path, name: str, parity) -> None:
     with the tolerance `qwen3vl-compile verify` will apply to it on any machine."""
     import numpy as np
 
-    from .bundle_golden import golden_tolerance
+    from .bundle.goldens import golden_tolerance
 
     entry = parity.to_json()
     if parity.golden:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen3vl_compile.bundle_cli import main as bundle_main
+from qwen3vl_compile.bundle.cli import main as bundle_main
 from qwen3vl_compile.cli import main as compile_main
 from qwen3vl_compile.runtime.cli import main as run_main
 

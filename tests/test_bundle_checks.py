@@ -102,8 +102,8 @@ def test_skip_hash_check_runs_a_modified_bundle(bundle, capsys):
 
 def test_verify_catches_a_wrong_golden_result(bundle, capsys):
     """Tamper with a golden reference and re-hash it: the golden run itself must fail."""
-    from qwen3vl_compile.bundle import sha256_file
-    from qwen3vl_compile.manifest import write_manifest
+    from qwen3vl_compile.bundle.manifest import sha256_file
+    from qwen3vl_compile.bundle.manifest import write_manifest
 
     m = json.loads((bundle / "manifest.json").read_text())
     g = np.load(bundle / "golden" / "vision_224.npz")
@@ -119,7 +119,7 @@ def test_verify_catches_a_wrong_golden_result(bundle, capsys):
 def test_verify_checks_interfaces_and_lists_stray_files(bundle, capsys):
     """A manifest whose claims were edited and re-hashed (bucket 448 said to be 480) fails on
     the graph's real interface; files the manifest does not know are listed."""
-    from qwen3vl_compile.manifest import write_manifest
+    from qwen3vl_compile.bundle.manifest import write_manifest
 
     (bundle / "notes.txt").write_text("mine")
     rc, out = _verify(bundle, capsys)

@@ -25,7 +25,7 @@ import torch
 from qwen3vl_compile.errors import RuntimeInputError, UsageError
 from qwen3vl_compile.export.decoder import build_decoder
 from qwen3vl_compile.runtime.decoder_session import DecoderSession
-from qwen3vl_compile.verify import TOLERANCES, measure
+from qwen3vl_compile.parity import TOLERANCES, measure
 
 TOL = TOLERANCES[("decoder", "fp32")]  # relative: max|ours - ref| / max|ref|
 IMAGE_PAD, VISION_START, VISION_END = 151655, 151652, 151653

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 from PIL import Image
 
 from qwen3vl_compile import Pipeline
-from qwen3vl_compile.bundle_cli import verify
+from qwen3vl_compile.bundle.cli import verify_bundle as verify
 from qwen3vl_compile.cli import main as compile_main
 from qwen3vl_compile.errors import PassError, UsageError
 from qwen3vl_compile.packing import pack, unpack

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from qwen3vl_compile.bundle import STAGING_MARKER, BundleWriter, remove_stale_staging
+from qwen3vl_compile.bundle.writer import STAGING_MARKER, BundleWriter, remove_stale_staging
 from qwen3vl_compile.cli import main
 from qwen3vl_compile.errors import UsageError
-from qwen3vl_compile.manifest import SCHEMA
+from qwen3vl_compile.bundle.manifest import SCHEMA
 
 
 def _compile(*args: str) -> int:
@@ -184,7 +184,7 @@ def test_stale_staging_directories_are_removed_and_only_ours(tmp_path):
 _WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from qwen3vl_compile.bundle import BundleWriter
+    from qwen3vl_compile.bundle.writer import BundleWriter
     w = BundleWriter(Path(sys.argv[1]))
     try:
         with w as staging:

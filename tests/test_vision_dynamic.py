@@ -16,11 +16,11 @@ from transformers import vision_utils
 
 from qwen3vl_compile import Pipeline
 from qwen3vl_compile.buckets import DynamicVision, VisionBucket, parse_buckets, split_buckets
-from qwen3vl_compile.bundle_golden import check_golden
+from qwen3vl_compile.bundle.goldens import check_golden
 from qwen3vl_compile.cli import main as compile_main
 from qwen3vl_compile.errors import RuntimeInputError, UsageError
 from qwen3vl_compile.export import vision_dynamic as vd
-from qwen3vl_compile.export.vision import pixel_values_from_u8
+from qwen3vl_compile.bundle.goldens import pixel_values_from_u8
 from qwen3vl_compile.patches import vision_dynamic_export_patches
 from qwen3vl_compile.patches import vision_forward_dynamic as forward_patch
 
@@ -243,7 +243,7 @@ _MEMORY_CHILD = r"""
 import resource, sys
 import numpy as np
 from PIL import Image
-from qwen3vl_compile.bundle_check import open_checked
+from qwen3vl_compile.bundle.check import open_checked
 from qwen3vl_compile.runtime.preprocess import ProcessorConfig, preprocess
 from qwen3vl_compile.runtime.vision import VisionEncoder
 import onnxruntime as ort

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from qwen3vl_compile import verify as verify_mod
-from qwen3vl_compile.bundle_golden import check_golden
+from qwen3vl_compile import parity as verify_mod
+from qwen3vl_compile.bundle.goldens import check_golden
 from qwen3vl_compile.cli import main
 from qwen3vl_compile.export.vision import verify_vision_bucket
 

@@ -32,7 +32,7 @@ import onnx_ir as ir
 
 from ..checkpoint import Checkpoint
 from ..errors import ExportError, Qwen3VLCompileError, UsageError
-from ..manifest import interface_name
+from ..bundle.manifest import interface_name
 from .text_decoder import PRECISIONS, build_decoder_model, save_streaming
 
 LOGITS_MODES = ("all", "last")

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import Checkpoint
-from ..verify import TOLERANCES, GraphParity, measure
+from ..parity import TOLERANCES, GraphParity, measure
 from .text_decoder import TEXT_PREFIXES, DecoderSpec
 
 # Bytes of fp32 text weights (layers + lm_head) up to which the whole depth is checked.

@@ -269,7 +269,7 @@ def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3, precisio
     round trip (the oracle, gated); the distance to the unquantized rows is reported."""
     import onnxruntime as ort
 
-    from ..verify import TOLERANCES, GraphParity, measure
+    from ..parity import TOLERANCES, GraphParity, measure
 
     key = ck.find("embed_tokens.weight", ("model.language_model.", "model.", "language_model.model."))
     weight = ck.tensor(key).float()

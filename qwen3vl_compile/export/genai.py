@@ -113,7 +113,7 @@ def build_genai_graphs(staging: Path, manifest: dict) -> dict[str, dict]:
 def verify_genai_graph(staging: Path, manifest: dict, name: str, entry: dict, *, threads: int = 0):
     """Run ``name`` on its source graph's golden input; return the measured GraphParity and the
     golden entry it used (the source's file and tolerance)."""
-    from ..bundle_golden import check_golden
+    from ..bundle.goldens import check_golden
 
     source_parity = manifest["parity"][entry["source_graph"]]
     golden = dict(source_parity["golden"])

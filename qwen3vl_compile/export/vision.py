@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..buckets import VisionBucket
+from ..bundle.goldens import pixel_values_from_u8
 from ..errors import ExportError
-from ..verify import TOLERANCES, GraphParity, measure
+from ..parity import TOLERANCES, GraphParity, measure
 
 INPUT_NAMES = ["pixel_values"]
 OUTPUT_NAMES = ["image_features", "deepstack_features"]
@@ -72,10 +73,6 @@ def random_pixel_u8(bucket: VisionBucket, seed: int) -> np.ndarray:
 def random_pixel_values(bucket: VisionBucket, seed: int) -> np.ndarray:
     """Inputs on the processor's grid of values: ((u8 / 255) - 0.5) / 0.5 for random u8."""
     return pixel_values_from_u8(random_pixel_u8(bucket, seed))
-
-
-def pixel_values_from_u8(u8: np.ndarray) -> np.ndarray:
-    return ((u8.astype(np.float32) / np.float32(255.0)) - np.float32(0.5)) / np.float32(0.5)
 
 
 def export_vision_bucket(visual, bucket: VisionBucket, out_dir: Path, *, passes=None) -> dict:

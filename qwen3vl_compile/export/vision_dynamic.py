@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError
-from ..verify import TOLERANCES, GraphParity, measure
+from ..parity import TOLERANCES, GraphParity, measure
 from ..runtime.vision import run_dynamic
 from .vision import EXTERNAL_DATA_THRESHOLD, OUTPUT_NAMES, pixel_values_from_u8, quiet_exporter, split_outputs
 

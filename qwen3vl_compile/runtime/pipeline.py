@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..bundle_check import open_checked
+from ..bundle.check import open_checked
 from ..errors import BundleError, GenerationError, RuntimeInputError
 from .chat import ChatFormatter
 from .decoder_session import DecoderSession

@@ -1,4 +1,5 @@
-"""Golden PyTorch outputs of the embedded tiny model, kept in ``golden/`` and used by tests.
+"""Regenerate the golden PyTorch outputs of the embedded tiny model kept in ``golden/`` and
+used by tests (a repository script, not part of the installed package).
 
 Layout: ``golden/vision/<bucket>/inputs.npz`` (``pixel_u8``: the processor-level uint8
 values; pixel_values = (u8/255 - 0.5)/0.5), ``outputs.npz`` (``image_features``,
@@ -6,7 +7,7 @@ values; pixel_values = (u8/255 - 0.5)/0.5), ``outputs.npz`` (``image_features``,
 
 Tests never rewrite goldens. Regenerate explicitly with:
 
-    python -m qwen3vl_compile.golden --write golden
+    python golden/regenerate.py --write golden
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .buckets import parse_bucket
+from qwen3vl_compile.buckets import parse_bucket
 
 GOLDEN_BUCKETS = ("224", "128x256")
 GOLDEN_SEED = 7
-REGENERATE = "python -m qwen3vl_compile.golden --write golden"
+REGENERATE = "python golden/regenerate.py --write golden"
 
 
 def golden_inputs(bucket_name: str, seed: int = GOLDEN_SEED) -> np.ndarray:
@@ -32,7 +33,8 @@ def golden_inputs(bucket_name: str, seed: int = GOLDEN_SEED) -> np.ndarray:
 
 
 def compute(bucket_name: str, visual) -> dict[str, np.ndarray]:
-    from .export.vision import pixel_values_from_u8, reference_outputs
+    from qwen3vl_compile.bundle.goldens import pixel_values_from_u8
+    from qwen3vl_compile.export.vision import reference_outputs
 
     bucket = parse_bucket(bucket_name)
     u8 = golden_inputs(bucket_name)
@@ -47,8 +49,8 @@ def compute(bucket_name: str, visual) -> dict[str, np.ndarray]:
 def write(root: Path) -> None:
     import importlib.metadata as md
 
-    from .checkpoint import Checkpoint, resolve_model_source
-    from .presets.materialize import TINY_SEED
+    from qwen3vl_compile.checkpoint import Checkpoint, resolve_model_source
+    from qwen3vl_compile.presets.materialize import TINY_SEED
 
     visual = Checkpoint.open(resolve_model_source("tiny")).load_vision_tower()
     for name in GOLDEN_BUCKETS:
@@ -72,7 +74,7 @@ def write(root: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qwen3vl_compile.golden")
+    p = argparse.ArgumentParser(prog="python golden/regenerate.py")
     p.add_argument("--write", type=Path, required=True, help="golden directory to (re)write")
     args = p.parse_args(argv)
     write(args.write)

@@ -9,40 +9,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
-from .bundle import sha256_file
-from .errors import BundleError
-
-from .manifest import MANIFEST, SCHEMA, SCHEMA_VERSION
-
-
-def canonical_sha256(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def load_manifest(root: Path) -> dict:
-    path = Path(root) / MANIFEST
-    if not Path(root).is_dir():
-        raise BundleError(f"{root}: not a directory")
-    if not path.is_file():
-        raise BundleError(f"{path}: missing (not a qwen3vl-compile bundle?)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: unreadable ({e})") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{path}: not a JSON object (not a qwen3vl-compile manifest)")
-    if manifest.get("schema") != SCHEMA:
-        raise BundleError(f"{path}: schema {manifest.get('schema')!r} is not {SCHEMA!r}")
-    version = manifest.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
-        raise BundleError(f"{path}: schema_version {version!r}: this qwen3vl-compile reads versions 1 to {SCHEMA_VERSION} "
-                          "(a bundle from a newer version needs a newer qwen3vl-compile)")
-    return manifest
+from ..errors import BundleError
+from .manifest import MANIFEST, canonical_sha256, load_manifest, sha256_file
 
 
 def check_manifest_integrity(root: Path, manifest: dict) -> None:

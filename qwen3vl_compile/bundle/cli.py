@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import BundleError, Qwen3VLCompileError
-from .verify import parity_summary
+from ..errors import BundleError, Qwen3VLCompileError
+from ..parity import parity_summary
 
 
 def _fmt_bytes(n: int) -> str:
@@ -22,8 +22,8 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
-def inspect(root: Path) -> int:
-    from .bundle_check import check_manifest_integrity, load_manifest
+def inspect_bundle(root: Path) -> int:
+    from .check import check_manifest_integrity, load_manifest
 
     m = load_manifest(root)
     integrity = "ok"
@@ -57,9 +57,9 @@ def inspect(root: Path) -> int:
     return 0
 
 
-def verify(root: Path, *, threads: int = 0) -> int:
-    from .bundle_check import check_files, check_manifest_integrity, load_manifest
-    from .bundle_golden import ort_session, check_golden, check_interface
+def verify_bundle(root: Path, *, threads: int = 0) -> int:
+    from .check import check_files, check_manifest_integrity, load_manifest
+    from .goldens import check_golden, check_interface, ort_session
 
     m = load_manifest(root)
     check_manifest_integrity(root, m)
@@ -103,13 +103,13 @@ def verify(root: Path, *, threads: int = 0) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from .cli_io import run_cli
+    from ..cli_io import run_cli
 
     return run_cli(lambda: _main(argv))
 
 
 def _main(argv: list[str]) -> int:
-    from .cli_io import OneLineParser
+    from ..cli_io import OneLineParser
 
     p = OneLineParser(prog=f"qwen3vl-compile {argv[0]}")
     p.add_argument("bundle", type=Path)
@@ -118,8 +118,8 @@ def _main(argv: list[str]) -> int:
     args = p.parse_args(argv[1:])
     try:
         if argv[0] == "inspect":
-            return inspect(args.bundle)
-        return verify(args.bundle, threads=args.threads)
+            return inspect_bundle(args.bundle)
+        return verify_bundle(args.bundle, threads=args.threads)
     except Qwen3VLCompileError as e:
         print(f"qwen3vl-compile {argv[0]}: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -17,7 +17,6 @@ What ``OUT`` may be (checked before any expensive work, and again just before th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,24 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import UsageError, WriteError
+from ..errors import UsageError, WriteError
+from .manifest import MANIFEST, SCHEMA
 
 # The marker file inside a staging directory: {"tool", "pid", "created"}. Removed before the
 # bundle is hashed and moved into place, so no bundle carries it.
 STAGING_MARKER = ".qwen3vl-compile-staging.json"
 _TOOL = "qwen3vl-compile"
 _HANGUP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -54,8 +43,6 @@ def _is_within(path: Path, root: Path) -> bool:
 def bundle_problem(path: Path) -> str | None:
     """Why the existing directory ``path`` is not a bundle that ``--force`` may replace, or
     None when it is one (or is empty)."""
-    from .manifest import MANIFEST, SCHEMA
-
     entries = list(path.iterdir())
     if not entries:
         return None

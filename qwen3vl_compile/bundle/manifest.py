@@ -24,12 +24,13 @@ Schema ``qwen3vl-compile/manifest`` version 1, top-level keys:
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib.metadata
 import json
 from pathlib import Path
 
-from . import __version__
-from .bundle import STAGING_MARKER, sha256_file
+from .. import __version__
+from ..errors import BundleError
 
 SCHEMA = "qwen3vl-compile/manifest"
 SCHEMA_VERSION = 1
@@ -77,24 +78,57 @@ def new_manifest(command: list[str]) -> dict:
     }
 
 
-def hash_files(root: Path, manifest: dict) -> None:
-    """Record bytes and sha256 of every file under ``root`` except the manifest itself."""
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def canonical_sha256(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, compact) without ``manifest_sha256``."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def hash_files(root: Path, manifest: dict, *, exclude: tuple[str, ...] = ()) -> None:
+    """Record bytes and sha256 of every file under ``root`` except the manifest itself and
+    the file names in ``exclude``."""
     files = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name not in (MANIFEST, STAGING_MARKER):
+        if p.is_file() and p.name not in (MANIFEST, *exclude):
             rel = p.relative_to(root).as_posix()
             files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     manifest["files"] = files
 
 
 def write_manifest(root: Path, manifest: dict) -> Path:
-    from .bundle_check import canonical_sha256
-
     manifest["manifest_sha256"] = canonical_sha256(manifest)
     path = root / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return path
 
 
-def read_manifest(root: Path) -> dict:
-    return json.loads((Path(root) / MANIFEST).read_text())
+def load_manifest(root: Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not Path(root).is_dir():
+        raise BundleError(f"{root}: not a directory")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (not a qwen3vl-compile bundle?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: unreadable ({e})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: not a JSON object (not a qwen3vl-compile manifest)")
+    if manifest.get("schema") != SCHEMA:
+        raise BundleError(f"{path}: schema {manifest.get('schema')!r} is not {SCHEMA!r}")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
+        raise BundleError(f"{path}: schema_version {version!r}: this qwen3vl-compile reads versions 1 to {SCHEMA_VERSION} "
+                          "(a bundle from a newer version needs a newer qwen3vl-compile)")
+    return manifest

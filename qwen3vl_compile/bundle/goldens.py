@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import interface_name
-from .verify import TOLERANCES, GraphParity, measure
+from ..parity import TOLERANCES, GraphParity, measure
+
+
+def pixel_values_from_u8(u8: np.ndarray) -> np.ndarray:
+    """A vision golden's input is stored compactly as uint8 patch values and decoded to the
+    graph's float input by this one fixed map, at compile time and at verify time alike (it
+    is the golden file's encoding, not a statement about the checkpoint's processor)."""
+    return ((u8.astype(np.float32) / np.float32(255.0)) - np.float32(0.5)) / np.float32(0.5)
 
 
 def golden_tolerance(kind: str, precision: str, compile_rel: float) -> float:
@@ -79,8 +86,6 @@ def check_golden(root: Path, manifest: dict, name: str, *, threads: int = 0, ses
     packing = graph.get("deepstack_packing")
     session = session or ort_session(path, threads)
     if kind == "vision":
-        from .export.vision import pixel_values_from_u8
-
         inputs = {"pixel_values": pixel_values_from_u8(data["pixel_u8"])}
         if graph.get("dynamic"):  # the any-size graph also takes the grid(s) it was checked on
             inputs["image_grid_thw"] = data["image_grid_thw"].astype(np.int64)
@@ -97,7 +102,7 @@ def check_golden(root: Path, manifest: dict, name: str, *, threads: int = 0, ses
         outs = [measure("inputs_embeds", embeds, data["inputs_embeds"], tol),
                 measure("deepstack_embeds", deep, data["deepstack_embeds"], tol)]
     elif kind == "decoder":
-        from .runtime.decoder_session import DecoderSession
+        from ..runtime.decoder_session import DecoderSession
 
         s = DecoderSession(path, max_length=256, session=session,
                            packed_levels=packing["levels"] if packing else 0)
@@ -116,7 +121,7 @@ def _run(session, names: list[str], feeds: dict, packing: dict | None) -> list:
     input and returns each such output pair as one wide output: pack, run, unpack."""
     if not packing:
         return session.run(names, feeds)
-    from .packing import pack, unpack
+    from ..packing import pack, unpack
 
     feeds = dict(feeds)
     for packed, (features, deepstack) in packing.get("inputs", {}).items():
