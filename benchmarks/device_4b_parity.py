@@ -52,7 +52,7 @@ def main() -> int:
         path = args.work / f"dec_{precision}" / "decoder.onnx"
         log(f"building {precision} decoder")
         rep = build_decoder(ck, path, precision=precision, logits="last", context_length=4096)
-        builds[precision] = {"build_s": rep["seconds"]["total"], "bytes": rep["sizes"]["total"], "peak_rss": rep["peak_rss_bytes"]}
+        builds[precision] = {"build_s": rep.details["seconds"]["total"], "bytes": rep.details["sizes"]["total"], "peak_rss": rep.details["peak_rss_bytes"]}
         log(f"verifying {precision} decoder")
         # The whole depth against its fp32 oracle (the compile gates a 4-layer slice on 24 GB).
         parity = verify_decoder(path, ck, DecoderOptions(precision), layers=ck.text_config["num_hidden_layers"])

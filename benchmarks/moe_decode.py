@@ -73,7 +73,7 @@ def main() -> int:
             if not path.is_file():
                 log(f"building {shape} INT4, {n} layers")
                 rep = build_decoder(ck, path, logits="last", context_length=PROMPT + 4096, layers=n)
-                builds[f"{shape}:{n}"] = {"seconds": rep["seconds"]["total"], "bytes": rep["sizes"]["total"]}
+                builds[f"{shape}:{n}"] = {"seconds": rep.details["seconds"]["total"], "bytes": rep.details["sizes"]["total"]}
             log(f"loading {shape}:{n}")
             systems[(shape, n)] = Decode(path, args.threads, args.steps)
     log("timing decode steps round-robin")

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import onnx_ir as ir
 
+from qwen3vl_compile.bundle.records import PassReport
 from qwen3vl_compile.errors import PassError
 
 logger = logging.getLogger("qwen3vl_compile.passes")
@@ -29,24 +30,39 @@ class ReportedPassResult(ir.passes.PassResult):
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase], *, graph: str = "") -> tuple[ir.Model, list[dict]]:
-    """Run ``passes`` in order; return the final model and one report dict per pass."""
-    reports: list[dict] = []
-    done: list[str] = []
+def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase], *, graph: str = "") -> tuple[ir.Model, list[PassReport]]:
+    """Run ``passes`` in order; return the final model and one report per pass."""
+    reports: list[PassReport] = []
     for p in passes:
         name = type(p).__name__
         t0 = time.perf_counter()
         try:
             result = p(model)
         except Exception as e:  # noqa: BLE001 - re-raised typed, with context
-            before = ", ".join(done) or "none"
-            raise PassError(f"{graph + ': ' if graph else ''}pass {name} failed ({type(e).__name__}: {e}); passes run before it: {before}") from e
+            raise _pass_error(name, e, graph, reports) from e
         model = result.model
-        stats = dict(getattr(result, "stats", {}) or {})
-        reports.append(
-            {"pass": name, "modified": bool(result.modified), "stats": stats, "seconds": round(time.perf_counter() - t0, 3)}
-        )
+        reports.append(PassReport(name, bool(result.modified), dict(getattr(result, "stats", {}) or {}),
+                                  round(time.perf_counter() - t0, 3)))
         if result.modified:
-            logger.info("%s%s changed the model: %s", f"{graph}: " if graph else "", name, stats)
-        done.append(name)
+            logger.info("%s%s changed the model: %s", f"{graph}: " if graph else "", name, reports[-1].stats)
     return model, reports
+
+
+def check_saved_model(path, *, graph: str = "", before: Sequence[PassReport] = ()) -> PassReport:
+    """``CheckModelPass`` on a model already saved to disk (its weights stay there, read by
+    the checker): for graphs written by streaming, or wrappers reading another graph's
+    weights. The same report, and the same typed error, as in :func:`run_passes`."""
+    from .check_model import CheckModelPass, check_model_file
+
+    name = CheckModelPass.__name__
+    t0 = time.perf_counter()
+    try:
+        stats = check_model_file(path)
+    except Exception as e:  # noqa: BLE001 - re-raised typed, with context
+        raise _pass_error(name, e, graph, before) from e
+    return PassReport(name, False, stats, round(time.perf_counter() - t0, 3))
+
+
+def _pass_error(name: str, e: Exception, graph: str, before: Sequence[PassReport]) -> PassError:
+    done = ", ".join(r.name for r in before) or "none"
+    return PassError(f"{graph + ': ' if graph else ''}pass {name} failed ({type(e).__name__}: {e}); passes run before it: {done}")

@@ -109,6 +109,20 @@ class Checkpoint:
         check_text_weights(ck)
         return ck
 
+    @property
+    def generation_config(self) -> dict:
+        """generation_config.json (sampling defaults, eos ids), or {} when there is none."""
+        f = self.path / "generation_config.json"
+        if not f.is_file():
+            return {}
+        try:
+            value = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LoadError(f"{f}: unreadable ({e})") from None
+        if not isinstance(value, dict):
+            raise LoadError(f"{f}: not a JSON object")
+        return value
+
     def tokenizer(self):
         """The checkpoint's ``tokenizers`` tokenizer (tokenizer.json), loaded once."""
         if "_tokenizer" not in self.__dict__:

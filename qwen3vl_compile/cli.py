@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from .buckets import DYNAMIC, parse_buckets
-from .config import GRAPH_KINDS, PRECISIONS, TARGETS, CompileConfig
+from .config import GRAPH_KINDS, TARGETS, CompileConfig
+from .options import EMBEDDING_PRECISIONS, LOGITS_MODES, PRECISIONS, DecoderOptions
 from .cli_io import OneLineParser, run_cli
 from .errors import Qwen3VLCompileError
 from .parity import parity_summary
@@ -25,13 +26,17 @@ def _parser() -> argparse.ArgumentParser:
                         "(random weights), NAME:N for its first N text layers")
     p.add_argument("--buckets", default="224,448", help="vision image sizes, e.g. 224,448,448x672 (HEIGHTxWIDTH)")
     p.add_argument("-o", "--output", required=True, type=Path, help="bundle directory to create")
-    p.add_argument("--precision", default="int4", choices=PRECISIONS, help="text decoder precision (default int4)")
-    p.add_argument("--block-size", type=int, default=32, help="INT4 quantization block size (default 32)")
-    p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (default 4: int8 compute)")
+    d = DecoderOptions()  # the one set of defaults
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help=f"text decoder precision (default {d.precision})")
+    p.add_argument("--block-size", type=int, default=d.block_size, help=f"INT4 quantization block size (default {d.block_size})")
+    p.add_argument("--accuracy-level", type=int, default=d.accuracy_level,
+                   help=f"MatMulNBits accuracy_level (default {d.accuracy_level}: int8 compute)")
     p.add_argument("--keep-lm-head-fp", action="store_true", help="do not quantize lm_head in int4 mode")
-    p.add_argument("--context-length", type=int, default=8192, help="KV cache / rotary table length (default 8192)")
-    p.add_argument("--logits", default="last", choices=("last", "all"), help="decoder logits for the last position only (default) or all")
-    p.add_argument("--embedding-precision", default="auto", choices=("auto", "fp32", "int4"),
+    p.add_argument("--context-length", type=int, default=d.context_length,
+                   help=f"KV cache / rotary table length (default {d.context_length})")
+    p.add_argument("--logits", default=d.logits, choices=LOGITS_MODES,
+                   help=f"decoder logits for the last position only or all (default {d.logits})")
+    p.add_argument("--embedding-precision", default=d.embedding_precision, choices=EMBEDDING_PRECISIONS,
                    help="token embedding table: the checkpoint's dtype (auto: bf16 stays bf16, exact), fp32, or "
                         "int4 (reuses the INT4 lm_head's bytes: no extra size, quantized embeddings)")
     p.add_argument("--graphs", default=",".join(GRAPH_KINDS), help="which graphs to build (default: all)")
@@ -74,13 +79,15 @@ def _compile(argv: list[str]) -> int:
             model=args.model,
             output=args.output,
             buckets=parse_buckets(buckets),
-            precision=args.precision,
-            block_size=args.block_size,
-            accuracy_level=args.accuracy_level,
-            keep_lm_head_fp=args.keep_lm_head_fp,
-            context_length=args.context_length,
-            logits=args.logits,
-            embedding_precision=args.embedding_precision,
+            decoder=DecoderOptions(
+                precision=args.precision,
+                block_size=args.block_size,
+                accuracy_level=args.accuracy_level,
+                keep_lm_head_fp=args.keep_lm_head_fp,
+                context_length=args.context_length,
+                logits=args.logits,
+                embedding_precision=args.embedding_precision,
+            ),
             graphs=tuple(g.strip() for g in args.graphs.split(",") if g.strip()),
             target=args.target,
             verify=not args.no_verify,

@@ -1,10 +1,18 @@
-"""The compile pipeline, in numbered stages with typed errors:
+"""The compile pipeline. Each stage returns typed records (``bundle/records.py``) and the
+manifest is assembled once, at the end, from those:
 
-1. load     resolve the model (preset or directory), validate config and tokenizer
-2. export   one vision graph per bucket (patches -> torch.onnx -> passes), the embedding
-            graph, the text decoder
-3. verify   parity of every graph against unpatched Hugging Face code
-4. write    assets, manifest with hashes, atomic move into place
+1. load       resolve the model (preset or directory); check config, tokenizer, weights'
+              headers, and the options against this checkpoint and this machine
+2. vision     one graph per bucket (patches -> torch.onnx -> passes) and the any-size
+              graph, each checked against unpatched Hugging Face; one shared weights file
+3. embedding  token embeddings with image features scattered in, checked
+4. decoder    the text decoder (onnx-ir builder, weights streamed), gated against Hugging
+              Face in fp32 (whole depth, or a slice of the first layers for large models)
+5. genai      ``--target ort-genai``: wrappers and configs onnxruntime-genai loads, checked
+6. recheck    every golden rerun on the files as they will ship
+7. write      fallback weights, assets, manifest with hashes; atomic move into place
+
+Parity failures of stages 2-5 are collected and reported together; nothing is written then.
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ from .bundle.writer import STAGING_MARKER, BundleWriter
 from .checkpoint import Checkpoint, resolve_model_source
 from .config import CompileConfig
 from .errors import LoadError, UsageError, VerifyError, WriteError
-from .bundle.manifest import hash_files, new_manifest, write_manifest
+from .bundle.manifest import assemble, hash_files, write_manifest
+from .bundle.records import GoldenRef, GraphEntry, ParityRecord, StageResult
 from .presets import is_preset
 from .progress import Progress
 from .support import check_build_options
@@ -46,8 +55,6 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
     protected = [model_dir] if not is_preset(cfg.model) and model_dir.is_dir() else []
     writer = BundleWriter(cfg.output, force=cfg.force, protected=protected, log=progress.log)
     writer.check_target()  # fail before any expensive work
-    manifest = new_manifest(list(cfg.command))
-    manifest["options"] = cfg.options_json()
 
     with progress.stage("load"):
         path = resolve_model_source(cfg.model, cache_dir=cfg.cache_dir, log=progress.log)
@@ -56,20 +63,17 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
         ck.check_tokenizer()
         _check_bucket_geometry(ck, cfg)
         if "decoder" in cfg.graphs:
-            check_build_options(ck.config, cfg.precision, cfg.block_size)
-        manifest["source"] = {
+            check_build_options(ck.config, cfg.decoder.precision, cfg.decoder.block_size)
+        source = {
             "model": cfg.model,
             "preset": cfg.model if is_preset(cfg.model) else None,
             "path": str(Path(path).resolve()),
             "architecture": (ck.config.get("architectures") or ["?"])[0],
             "config_sha256": ck.config_sha256,
         }
-        manifest["processor"] = ck.preprocessor
-        gen = Path(path) / "generation_config.json"
-        manifest["generation"] = _read_json(gen) if gen.is_file() else {}
     _set_threads(cfg.threads)
     try:
-        return _build(ck, cfg, path, writer, manifest, progress)
+        return _build(ck, cfg, source, writer, progress)
     except OSError as e:
         # A full disk or a vanished directory while writing: one line; the writer has already
         # removed its staging directory.
@@ -77,216 +81,193 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
         raise WriteError(f"writing the bundle failed: {e.strerror or e}{where}; nothing was left at {writer.out}") from None
 
 
-def _build(ck: Checkpoint, cfg: CompileConfig, path: Path, writer: BundleWriter, manifest: dict, progress: Progress) -> dict:
+def _build(ck: Checkpoint, cfg: CompileConfig, source: dict, writer: BundleWriter, progress: Progress) -> dict:
     with writer as staging:
-        failures: list[str] = []
+        result = StageResult()
         if "vision" in cfg.graphs:
-            failures += _vision(ck, cfg, staging, manifest, progress)
+            result.add(_vision(ck, cfg, staging, progress))
         # An INT4 embedding reuses the decoder's INT4 lm_head bytes, so it comes second.
-        order = ("decoder", "embedding") if cfg.embedding_precision == "int4" else ("embedding", "decoder")
+        order = ("decoder", "embedding") if cfg.decoder.embedding_precision == "int4" else ("embedding", "decoder")
         for kind in order:
             if kind in cfg.graphs:
-                failures += (_embedding if kind == "embedding" else _decoder)(ck, cfg, staging, manifest, progress)
+                result.add((_embedding if kind == "embedding" else _decoder)(ck, cfg, staging, progress))
         if cfg.target == "ort-genai":
-            failures += _genai(ck, cfg, staging, manifest, progress)
-        if failures:
-            raise VerifyError("parity check failed (no bundle written; use --no-verify to keep it anyway)", failures)
-        _recheck_goldens(staging, manifest, cfg, progress)
+            result.add(_genai(ck, cfg, staging, result, progress))
+        if result.failures:
+            raise VerifyError("parity check failed (no bundle written; use --no-verify to keep it anyway)", result.failures)
+        _recheck_goldens(staging, result, cfg, progress)
         with progress.stage("write"):
             if "vision" in cfg.graphs:
-                manifest["fallback"] = _write_fallback_weights(ck, staging)
+                result.sections["fallback"] = _write_fallback_weights(ck, staging)
             for name in ASSET_FILES:
-                src = Path(path) / name
+                src = ck.path / name
                 if src.is_file():
                     shutil.copy2(src, staging / name)
-            manifest["timings"] = dict(progress.timings)
-            manifest["peak_rss_bytes"] = peak_rss_bytes()
+            manifest = assemble(command=list(cfg.command), source=source, options=cfg.options_json(),
+                                processor=ck.preprocessor, generation=ck.generation_config, result=result,
+                                timings=progress.timings, peak_rss_bytes=peak_rss_bytes())
             hash_files(staging, manifest, exclude=(STAGING_MARKER,))
             write_manifest(staging, manifest)
         writer.commit()
     return manifest
 
 
-def _vision(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
+def _vision(ck: Checkpoint, cfg: CompileConfig, staging: Path, progress: Progress) -> StageResult:
     from .buckets import split_buckets
     from .export.vision import export_vision_bucket, graph_name, verify_vision_bucket
 
     static, dynamic = split_buckets(cfg.buckets)
     with progress.stage("load vision tower"):
         visual = ck.load_vision_tower()
-    failures = []
+    out = StageResult()
     for bucket in static:
         name = graph_name(bucket)
         with progress.stage(f"export {name} (grid {bucket.grid_thw[1]}x{bucket.grid_thw[2]})"):
-            report = export_vision_bucket(visual, bucket, staging)
-        manifest["graphs"][name] = report
-        manifest["buckets"].append({**bucket.to_json(), "graph": report["file"]})
+            entry = export_vision_bucket(visual, bucket, staging)
+        out.graphs[name] = entry
+        out.buckets.append({**bucket.to_json(), "graph": entry.file})
         if cfg.verify:
             with progress.stage(f"verify {name}"):
-                parity = verify_vision_bucket(staging / report["file"], visual, bucket, threads=cfg.threads)
-            _record_parity(manifest, staging, name, parity)
-            failures += parity.failures()
+                parity = verify_vision_bucket(staging / entry.file, visual, bucket, threads=cfg.threads)
+            _record_parity(out, staging, name, parity)
     if dynamic is not None:
-        failures += _vision_dynamic(visual, cfg, staging, manifest, progress)
+        out.add(_vision_dynamic(visual, cfg, staging, progress))
     del visual
-    _share_vision_weights(staging, manifest, progress)
-    return failures
+    _share_vision_weights(staging, out, progress)
+    return out
 
 
 VISION_WEIGHTS = "vision_weights.onnx.data"
 
 
-def _share_vision_weights(staging: Path, manifest: dict, progress: Progress) -> None:
+def _share_vision_weights(staging: Path, out: StageResult, progress: Progress) -> None:
     """Every vision graph was exported with its own copy of the tower: keep one."""
     from .export.share_weights import share_weights
 
-    names = [n for n, g in manifest["graphs"].items() if g["kind"] == "vision"]
-    with progress.stage(f"share vision weights ({len(names)} graphs)"):
-        manifest["vision_weights"] = share_weights(staging, [manifest["graphs"][n]["file"] for n in names], VISION_WEIGHTS)
-    for n in names:
-        manifest["graphs"][n]["data_files"] = [VISION_WEIGHTS]
+    entries = [g for g in out.graphs.values() if g.kind == "vision"]
+    with progress.stage(f"share vision weights ({len(entries)} graphs)"):
+        out.sections["vision_weights"] = share_weights(staging, [g.file for g in entries], VISION_WEIGHTS)
+    for g in entries:
+        g.data_files = [VISION_WEIGHTS]
 
 
-def _vision_dynamic(visual, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
+def _vision_dynamic(visual, cfg: CompileConfig, staging: Path, progress: Progress) -> StageResult:
     """The any-size vision graph (``--buckets ...,dynamic``, one image per call), and for
     ``--target ort-genai`` the multi-image one its runtime needs: grid as an input, checked
     on grids the export never saw and on several images."""
     from .export.vision_dynamic import export_vision_dynamic, verify_vision_dynamic
 
-    failures = []
+    out = StageResult()
     for per_image in (True, False) if cfg.target == "ort-genai" else (True,):
         with progress.stage(f"export the any-size vision graph ({'one image' if per_image else 'several images'} per call)"):
-            report = export_vision_dynamic(visual, staging, per_image=per_image)
-        name = report["file"].removesuffix(".onnx")
-        manifest["graphs"][name] = report
+            entry = export_vision_dynamic(visual, staging, per_image=per_image)
+        out.graphs[entry.name] = entry
         if not cfg.verify:
             continue
-        with progress.stage(f"verify {name}"):
-            parity = verify_vision_dynamic(staging / report["file"], visual, threads=cfg.threads)
-        _record_parity(manifest, staging, name, parity)
-        failures += parity.failures()
-    return failures
+        with progress.stage(f"verify {entry.name}"):
+            parity = verify_vision_dynamic(staging / entry.file, visual, threads=cfg.threads)
+        _record_parity(out, staging, entry.name, parity)
+    return out
 
 
-def _embedding(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
+def _embedding(ck: Checkpoint, cfg: CompileConfig, staging: Path, progress: Progress) -> StageResult:
     from .export.embedding import build_embedding, verify_embedding
 
+    out = StageResult()
     with progress.stage("build embedding"):
-        manifest["graphs"]["embedding"] = report = build_embedding(
-            ck, staging, precision=cfg.embedding_precision, block_size=cfg.block_size
-        )
-    if not cfg.verify:
-        return []
-    with progress.stage("verify embedding"):
-        parity = verify_embedding(staging / report["file"], ck, precision=report["precision"], block_size=cfg.block_size)
-    _record_parity(manifest, staging, "embedding", parity)
-    return parity.failures()
+        out.graphs["embedding"] = entry = build_embedding(ck, staging, cfg.decoder)
+    if cfg.verify:
+        with progress.stage("verify embedding"):
+            parity = verify_embedding(staging / entry.file, ck, precision=entry.precision,
+                                      block_size=cfg.decoder.block_size, threads=cfg.threads)
+        _record_parity(out, staging, "embedding", parity)
+    return out
 
 
-def _decoder(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
+def _decoder(ck: Checkpoint, cfg: CompileConfig, staging: Path, progress: Progress) -> StageResult:
     from .export.decoder import build_decoder
-    from .passes.check_model import check_model_file
+    from .passes.base import check_saved_model
 
-    name = "decoder"
-    with progress.stage(f"build decoder ({cfg.precision})"):
-        report = build_decoder(
-            ck,
-            staging / "decoder.onnx",
-            precision=cfg.precision,
-            block_size=cfg.block_size,
-            accuracy_level=cfg.accuracy_level,
-            keep_lm_head_fp=cfg.keep_lm_head_fp,
-            logits=cfg.logits,
-            context_length=cfg.context_length,
-            progress=progress.log,
-        )
+    out = StageResult()
+    with progress.stage(f"build decoder ({cfg.decoder.precision})"):
+        entry = build_decoder(ck, staging / "decoder.onnx", cfg.decoder, progress=progress.log)
     with progress.stage("check decoder"):
-        import time
-
-        t = time.perf_counter()
-        report["passes"].append({"pass": "CheckModelPass", "modified": False,
-                                 "stats": check_model_file(staging / report["file"]),
-                                 "seconds": round(time.perf_counter() - t, 3)})
-    manifest["graphs"][name] = {"kind": "decoder", **report,
-                                "build": {"builder": "qwen3vl-compile onnx-ir decoder builder (weights streamed)"}}
-    if not cfg.verify:
-        return []
-    return _gate_decoder(ck, cfg, staging, manifest, progress)
+        entry.passes.append(check_saved_model(staging / entry.file, graph="decoder", before=entry.passes))
+    out.graphs["decoder"] = entry
+    if cfg.verify:
+        _gate_decoder(ck, cfg, staging, entry, out, progress)
+    return out
 
 
-def _gate_decoder(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
+def _gate_decoder(ck: Checkpoint, cfg: CompileConfig, staging: Path, entry: GraphEntry, out: StageResult,
+                  progress: Progress) -> None:
     """The decoder's parity gate (see export/decoder_verify.py): the shipped graph itself when
     the fp32 reference of the whole depth fits, else a slice of its first N layers built by
     the same builder with the same options, and the shipped graph's own output as golden."""
     from .export.decoder import build_decoder
-    from .export.decoder_verify import DecoderOptions, gate_layers, self_golden, verify_decoder
+    from .export.decoder_verify import gate_layers, self_golden, verify_decoder
 
-    options = DecoderOptions(cfg.precision, cfg.block_size, cfg.accuracy_level, cfg.keep_lm_head_fp)
     total, n = ck.text_config["num_hidden_layers"], gate_layers(ck)
-    shipped = staging / manifest["graphs"]["decoder"]["file"]
+    shipped = staging / entry.file
     if n == total:
         with progress.stage(f"verify decoder ({n} layers, fp32 reference)"):
-            parity = verify_decoder(shipped, ck, options, threads=cfg.threads)
-        _record_parity(manifest, staging, "decoder", parity)
-        return parity.failures()
+            parity = verify_decoder(shipped, ck, cfg.decoder, threads=cfg.threads)
+        _record_parity(out, staging, "decoder", parity)
+        return
     work = staging / ".gate"
     try:
         with progress.stage(f"build the decoder's first {n} of {total} layers for the gate"):
-            build_decoder(ck, work / "decoder.onnx", precision=cfg.precision, block_size=cfg.block_size,
-                          accuracy_level=cfg.accuracy_level, keep_lm_head_fp=cfg.keep_lm_head_fp, logits=cfg.logits,
-                          context_length=min(cfg.context_length, 1024), layers=n)
+            build_decoder(ck, work / "decoder.onnx", cfg.decoder.replace(context_length=min(cfg.decoder.context_length, 1024)),
+                          layers=n)
         with progress.stage(f"verify decoder ({n} of {total} layers, fp32 reference)"):
-            parity = verify_decoder(work / "decoder.onnx", ck, options, layers=n, threads=cfg.threads)
+            parity = verify_decoder(work / "decoder.onnx", ck, cfg.decoder, layers=n, threads=cfg.threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     size, avail = shipped.stat().st_size + sum(p.stat().st_size for p in staging.glob(shipped.name + ".data")), _available_memory()
     if avail is not None and size > 0.6 * avail:
         parity.golden = {}
         parity.details["golden_source"] = (f"not recorded: the decoder ({size / 2**30:.1f} GiB) does not fit this machine's "
-                                    f"available memory ({avail / 2**30:.1f} GiB) beside the compile")
+                                           f"available memory ({avail / 2**30:.1f} GiB) beside the compile")
     else:
         with progress.stage("record the shipped decoder's golden"):
             parity.golden = self_golden(shipped, parity.golden, threads=cfg.threads)
         parity.details["golden_source"] = "the shipped decoder's own logits at compile time (its parity is gated on the slice)"
-    _record_parity(manifest, staging, "decoder", parity)
-    return parity.failures()
+    _record_parity(out, staging, "decoder", parity)
 
 
-def _genai(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, progress: Progress) -> list[str]:
+def _genai(ck: Checkpoint, cfg: CompileConfig, staging: Path, done: StageResult, progress: Progress) -> StageResult:
     """``--target ort-genai``: wide-channel wrappers of the verified graphs plus
     genai_config.json / processor_config.json; each wrapper rerun on its source's golden."""
     from .export.genai import GENAI_CONFIG, GENAI_MODEL_TYPE, PROCESSOR_CONFIG, build_genai_graphs, verify_genai_graph, write_genai_configs
 
+    out = StageResult()
     with progress.stage("build onnxruntime-genai graphs"):
-        entries = build_genai_graphs(staging, manifest)
-        write_genai_configs(staging, ck, manifest)
-    manifest["graphs"].update(entries)
-    manifest["genai"] = {"model_type": GENAI_MODEL_TYPE, "config": GENAI_CONFIG, "processor_config": PROCESSOR_CONFIG,
-                         "graphs": list(entries), "deepstack_layout": "wide channels: hidden_size = H * (1 + K)"}
+        out.graphs = build_genai_graphs(staging, done.graphs)
+        write_genai_configs(staging, ck, done.graphs["decoder"].details["spec"])
+    out.sections["genai"] = {"model_type": GENAI_MODEL_TYPE, "config": GENAI_CONFIG, "processor_config": PROCESSOR_CONFIG,
+                             "graphs": list(out.graphs), "deepstack_layout": "wide channels: hidden_size = H * (1 + K)"}
     if not cfg.verify:
-        return []
-    failures = []
-    for name, entry in entries.items():
+        return out
+    for name, entry in out.graphs.items():
         with progress.stage(f"verify {name}"):
-            parity, golden = verify_genai_graph(staging, manifest, name, entry, threads=cfg.threads)
-        record = parity.to_json()
-        record["reference"] = f"{parity.reference}; {entry['source_graph']}'s golden input, DeepStack packed into channels"
-        record["golden"] = golden
-        manifest["parity"][name] = record
-        failures += parity.failures()
-    return failures
+            record = verify_genai_graph(staging, entry, done.parity[entry.details["source_graph"]], threads=cfg.threads)
+        out.parity[name] = record
+        out.failures += record.parity.failures()
+    return out
 
 
-def _recheck_goldens(staging: Path, manifest: dict, cfg: CompileConfig, progress: Progress) -> None:
+def _recheck_goldens(staging: Path, result: StageResult, cfg: CompileConfig, progress: Progress) -> None:
     """What ships is what was checked: after every rewrite (shared vision weights, wrapper
     graphs), each graph's golden input is run again on the files as they will ship."""
-    from .bundle.goldens import check_golden
+    from .bundle.goldens import check_graph_golden
 
-    names = [n for n, p in manifest["parity"].items() if p.get("golden")]
+    names = [n for n, r in result.parity.items() if r.golden is not None]
     failures = []
     with progress.stage(f"recheck {len(names)} goldens on the files as shipped"):
         for name in names:
-            failures += check_golden(staging, manifest, name, threads=cfg.threads).failures()
+            record = result.parity[name]
+            failures += check_graph_golden(staging, result.graphs[name].to_json(), record.golden.to_json(),
+                                           reference=record.parity.reference, threads=cfg.threads).failures()
     if failures:
         raise VerifyError("a graph changed after its parity check (no bundle written)", failures)
 
@@ -300,24 +281,23 @@ def _available_memory() -> int | None:
         return None
 
 
-def _record_parity(manifest: dict, staging: Path, name: str, parity) -> None:
-    """Parity figures into the manifest; one input/reference pair into golden/<name>.npz,
-    with the tolerance `qwen3vl-compile verify` will apply to it on any machine."""
+def _record_parity(out: StageResult, staging: Path, name: str, parity) -> None:
+    """Parity into the stage's records (and its failures); one input/reference pair into
+    golden/<name>.npz, with the tolerance `qwen3vl-compile verify` will apply to it on any
+    machine."""
     import numpy as np
 
     from .bundle.goldens import golden_tolerance
 
-    entry = parity.to_json()
+    golden = None
     if parity.golden:
         (staging / "golden").mkdir(exist_ok=True)
         np.savez_compressed(staging / "golden" / f"{name}.npz", **parity.golden)
-        entry["golden"] = {
-            "file": f"golden/{name}.npz",
-            "tolerance_max_rel": parity.golden_tolerance
-            if parity.golden_tolerance is not None
-            else golden_tolerance(parity.kind, parity.precision, parity.worst_rel),
-        }
-    manifest["parity"][name] = entry
+        tolerance = (parity.golden_tolerance if parity.golden_tolerance is not None
+                     else golden_tolerance(parity.kind, parity.precision, parity.worst_rel))
+        golden = GoldenRef(f"golden/{name}.npz", tolerance)
+    out.parity[name] = ParityRecord(parity, golden)
+    out.failures += parity.failures()
 
 
 FALLBACK_WEIGHTS = "vision_fallback.safetensors"
@@ -364,8 +344,9 @@ def _check_bucket_geometry(ck: Checkpoint, cfg: CompileConfig) -> None:
             raise UsageError(f"--buckets {b.name}: exporting it needs about {need / 2**30:.0f} GiB for attention alone, "
                              f"more than this machine's {avail / 2**30:.0f} GiB available")
     max_pos = ck.text_config.get("max_position_embeddings")
-    if "decoder" in cfg.graphs and max_pos and cfg.context_length > max_pos:
-        raise UsageError(f"--context-length {cfg.context_length}: above the model's max_position_embeddings {max_pos}")
+    context = cfg.decoder.context_length
+    if "decoder" in cfg.graphs and max_pos and context > max_pos:
+        raise UsageError(f"--context-length {context}: above the model's max_position_embeddings {max_pos}")
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -386,9 +367,3 @@ def _set_threads(n: int) -> None:
         import torch
 
         torch.set_num_threads(n)
-
-
-def _read_json(p: Path) -> dict:
-    import json
-
-    return json.loads(p.read_text())

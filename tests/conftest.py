@@ -39,7 +39,7 @@ def vision_graphs(tmp_path_factory, tiny_visual):
         if name not in cache:
             bucket = parse_bucket(name)
             report = export_vision_bucket(tiny_visual, bucket, root)
-            cache[name] = (root / report["file"], bucket, report)
+            cache[name] = (root / report.file, bucket, report)
         return cache[name]
 
     return get

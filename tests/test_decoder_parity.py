@@ -136,7 +136,7 @@ def decoders(tiny_checkpoint, tmp_path_factory):
         if key not in cache:
             path = root / "-".join(map(str, key)) / "decoder.onnx"
             cache[key] = (path, build_decoder(tiny_checkpoint, path, precision=precision, logits=logits,
-                                              deepstack=deepstack, context_length=1024))
+                                              deepstack=deepstack, context_length=1024).to_json())
         return cache[key]
 
     return get
@@ -312,7 +312,7 @@ def test_int4_equals_hugging_face_with_dequantized_weights(tiny_checkpoint, hf, 
     from qwen3vl_compile.export.quantize import dequantize_int4, quantize_int4
 
     path = tmp_path / "decoder.onnx"
-    build_decoder(tiny_checkpoint, path, precision="int4", accuracy_level=0, context_length=1024)
+    build_decoder(tiny_checkpoint, path, precision="int4", accuracy_level=0, logits="all", context_length=1024)
     model = copy.deepcopy(hf)
     with torch.no_grad():
         for mod in [*model.model.language_model.modules(), model.lm_head]:

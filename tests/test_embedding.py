@@ -14,8 +14,8 @@ IMAGE_PAD = 151655
 def embedding_session(tiny_checkpoint, tmp_path_factory):
     d = tmp_path_factory.mktemp("embedding")
     report = build_embedding(tiny_checkpoint, d)
-    assert report["kind"] == "embedding" and report["passes"][0]["pass"] == "CheckModelPass"
-    return ort.InferenceSession(str(d / report["file"]))
+    assert report.kind == "embedding" and report.passes[0].name == "CheckModelPass"
+    return ort.InferenceSession(str(d / report.file))
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +113,8 @@ def test_int4_embedding_shares_the_lm_head_bytes(tiny_checkpoint, tmp_path):
     from qwen3vl_compile.export.quantize import dequantize_int4, quantize_int4
 
     build_decoder(tiny_checkpoint, tmp_path / "decoder.onnx", precision="int4", context_length=256)
-    report = build_embedding(tiny_checkpoint, tmp_path, precision="int4")
-    assert report["precision"] == "int4" and report["data_files"] == ["decoder.onnx.data"]
+    report = build_embedding(tiny_checkpoint, tmp_path, embedding_precision="int4")
+    assert report.precision == "int4" and report.data_files == ["decoder.onnx.data"]
     assert (tmp_path / "embedding.onnx").stat().st_size < 10_000
     w = tiny_checkpoint.tensor("model.language_model.embed_tokens.weight").float().numpy()
     deq = dequantize_int4(*quantize_int4(w.T.copy(), 32), w.shape[1]).T

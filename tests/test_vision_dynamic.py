@@ -139,7 +139,7 @@ def test_planted_bug_fails_parity(tmp_path, tiny_visual, monkeypatch):
 
     monkeypatch.setattr(forward_patch, "patch_coordinates", transposed)
     report = vd.export_vision_dynamic(tiny_visual, tmp_path)
-    parity = vd.verify_vision_dynamic(tmp_path / report["file"], tiny_visual, threads=2)
+    parity = vd.verify_vision_dynamic(tmp_path / report.file, tiny_visual, threads=2)
     assert not parity.passed
     failed_cases = {f.split("[")[1].split("]")[0] for f in parity.failures()}
     assert {"grid 8x12", "grid 20x14", "grid 16x36", "3 images 8x12+20x14+6x6"} <= failed_cases

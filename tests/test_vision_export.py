@@ -20,13 +20,13 @@ def test_parity_per_bucket_all_outputs(vision_graphs, tiny_visual, bucket):
     assert parity.passed, parity.failures()
     worst = max(o.max_rel for outs in parity.cases.values() for o in outs)
     assert worst < 1e-5  # measured ~1.5e-6; the gate itself is 1e-4
-    assert [p["pass"] for p in report["passes"]] == [
+    assert [p.name for p in report.passes] == [
         "UnifyIndexTypesPass",
         "CleanupPass",
         "FuseAttentionPass",
         "CheckModelPass",
     ]
-    assert report["passes"][2]["stats"]["multi_head_attention"] == 6  # one per vision block
+    assert report.passes[2].stats["multi_head_attention"] == 6  # one per vision block
 
 
 def test_wrong_grid_is_caught(vision_graphs, tiny_visual):

@@ -59,7 +59,8 @@ def inspect_bundle(root: Path) -> int:
 
 def verify_bundle(root: Path, *, threads: int = 0) -> int:
     from .check import check_files, check_manifest_integrity, load_manifest
-    from .goldens import check_golden, check_interface, ort_session
+    from ..runtime.session import ort_session
+    from .goldens import check_golden, check_interface
 
     m = load_manifest(root)
     check_manifest_integrity(root, m)

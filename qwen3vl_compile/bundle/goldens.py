@@ -16,6 +16,7 @@ import numpy as np
 
 from .manifest import interface_name
 from ..parity import TOLERANCES, GraphParity, measure
+from ..runtime.session import ort_session
 
 
 def pixel_values_from_u8(u8: np.ndarray) -> np.ndarray:
@@ -30,15 +31,6 @@ def golden_tolerance(kind: str, precision: str, compile_rel: float) -> float:
     if np.isfinite(gate):
         return gate
     return float(f"{max(compile_rel * 1.25, compile_rel + 1e-3):.3e}")
-
-
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def check_interface(session, manifest: dict, name: str) -> list[str]:
@@ -75,12 +67,21 @@ def check_interface(session, manifest: dict, name: str) -> list[str]:
 
 
 def check_golden(root: Path, manifest: dict, name: str, *, threads: int = 0, session=None) -> GraphParity:
-    """``session``: an already created ONNX Runtime session of the graph (else one is made)."""
+    """Graph ``name`` of a bundle's manifest on its recorded golden. ``session``: an already
+    created ONNX Runtime session of the graph (else one is made)."""
+    parity = manifest["parity"][name]
+    return check_graph_golden(root, manifest["graphs"][name], parity["golden"], reference=parity["reference"],
+                              threads=threads, session=session)
+
+
+def check_graph_golden(root: Path, graph: dict, golden: dict, *, reference: str = "", threads: int = 0,
+                       session=None) -> GraphParity:
+    """One graph (its manifest entry, ``graph``) run on a golden (``golden``: the npz file
+    under ``root`` and the tolerance) and measured against the recorded reference output."""
     root = Path(root)
-    graph = manifest["graphs"][name]
-    entry = manifest["parity"][name]["golden"]
-    data = dict(np.load(root / entry["file"]))
-    tol = float(entry["tolerance_max_rel"])
+    name = graph["file"].removesuffix(".onnx")
+    data = dict(np.load(root / golden["file"]))
+    tol = float(golden["tolerance_max_rel"])
     path = root / graph["file"]
     kind = graph["kind"]
     packing = graph.get("deepstack_packing")
@@ -112,7 +113,7 @@ def check_golden(root: Path, manifest: dict, name: str, *, threads: int = 0, ses
         outs = [measure("logits", np.stack(logits), data["reference_logits"], tol, logits=True)]
     else:
         raise ValueError(f"unknown graph kind {kind!r}")
-    return GraphParity(name, kind, graph["precision"], manifest["parity"][name]["reference"], {"golden": outs})
+    return GraphParity(name, kind, graph["precision"], reference, {"golden": outs})
 
 
 def _run(session, names: list[str], feeds: dict, packing: dict | None) -> list:

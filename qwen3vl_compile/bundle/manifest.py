@@ -11,6 +11,7 @@ Schema ``qwen3vl-compile/manifest`` version 1, top-level keys:
 - ``graphs``: per graph: file, data files, kind, precision, inputs/outputs, export info,
   patches applied, and every pass's report (name, modified, stats, seconds)
 - ``parity``: per graph: reference, tolerance, per case and per output max abs/rel error
+- ``fallback``: the vision tower's weights for the PyTorch fallback (file, tensors, dtypes)
 - ``vision_weights``: the one external-data file all vision graphs read their weights from
   (tensors stored once per distinct content), with counts and bytes before/after
 - ``genai`` (``--target ort-genai``): onnxruntime-genai's model type, config files, wrapper graphs
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import BundleError
+from .records import StageResult
 
 SCHEMA = "qwen3vl-compile/manifest"
 SCHEMA_VERSION = 1
@@ -58,23 +60,28 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def new_manifest(command: list[str]) -> dict:
+def assemble(*, command: list[str], source: dict, options: dict, processor: dict, generation: dict,
+             result: StageResult, timings: dict, peak_rss_bytes: int | None) -> dict:
+    """The manifest, assembled once from the compile's typed records (``files`` and
+    ``manifest_sha256`` are added by :func:`hash_files` and :func:`write_manifest`)."""
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
+        "command": list(command),
         "tool": {"name": "qwen3vl-compile", "version": __version__},
         "libraries": library_versions(),
-        "source": {},
-        "options": {},
-        "buckets": [],
-        "graphs": {},
-        "parity": {},
+        "source": source,
+        "options": options,
+        "buckets": list(result.buckets),
+        "graphs": {name: g.to_json() for name, g in result.graphs.items()},
+        "parity": {name: r.to_json() for name, r in result.parity.items()},
         "files": {},
-        "processor": {},
-        "generation": {},
-        "timings": {},
+        "processor": processor,
+        "generation": generation,
+        **result.sections,
+        "timings": dict(timings),
+        "peak_rss_bytes": peak_rss_bytes,
     }
 
 

@@ -31,55 +31,36 @@ import numpy as np
 import onnx_ir as ir
 
 from ..checkpoint import Checkpoint
-from ..errors import ExportError, Qwen3VLCompileError, UsageError
+from ..errors import ExportError, Qwen3VLCompileError
 from ..bundle.manifest import interface_name
-from .text_decoder import PRECISIONS, build_decoder_model, save_streaming
+from ..bundle.records import GraphEntry, PassReport, TensorInfo
+from ..options import DecoderOptions
+from .text_decoder import build_decoder_model, save_streaming
 
-LOGITS_MODES = ("all", "last")
-BLOCK_SIZES = (16, 32, 64, 128, 256)
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # Written into the model's metadata_props; DecoderSession reads them back.
 META_PREFIX = "qwen3vl_compile."
-
-
-def check_options(precision: str, block_size: int, accuracy_level: int, logits: str, context_length: int) -> None:
-    """Refuse bad build options with a UsageError naming the choices."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if logits not in LOGITS_MODES:
-        raise UsageError(f"logits {logits!r}: choose one of {', '.join(LOGITS_MODES)}")
-    if block_size not in BLOCK_SIZES:
-        raise UsageError(f"block_size {block_size}: MatMulNBits needs a power of two >= 16 ({', '.join(map(str, BLOCK_SIZES))})")
-    if accuracy_level not in ACCURACY_LEVELS:
-        raise UsageError(f"accuracy_level {accuracy_level}: choose 0..4 (4 = int8 compute)")
-    if context_length < 1:
-        raise UsageError(f"context_length {context_length}: must be positive")
 
 
 def build_decoder(
     checkpoint: Checkpoint,
     out_path: Path,
+    options: DecoderOptions | None = None,
     *,
-    precision: str = "int4",
-    block_size: int = 32,
-    accuracy_level: int = 4,
-    keep_lm_head_fp: bool = False,
-    logits: str = "all",
     deepstack: bool = True,
-    context_length: int = 8192,
     layers: int | None = None,
     progress: Callable[[str], None] | None = None,
-) -> dict:
-    """Write ``out_path`` (``decoder.onnx``) and ``out_path.name + '.data'``; return a report.
+    **fields,
+) -> GraphEntry:
+    """Write ``out_path`` (``decoder.onnx``) and ``out_path.name + '.data'``; return its
+    manifest entry.
 
-    ``precision``: ``int4`` (MatMulNBits, 4 bits, symmetric, ``block_size`` weights per scale,
-    ``accuracy_level`` 4 = int8 activations; the lm_head too unless ``keep_lm_head_fp``),
-    ``fp16`` (weights stored in half precision, computed in fp32) or ``fp32``.
-    ``logits``: ``all`` positions or the ``last`` one only (prefill needs no other row).
-    ``context_length``: rows of the rotary cos/sin tables; positions must stay below it.
+    ``options``: a :class:`~qwen3vl_compile.options.DecoderOptions` (precision, block size,
+    accuracy level, lm_head, logits, context length); keyword ``fields`` override single
+    options (``precision="fp32"``), validated by the same object.
     ``layers``: only the first ``layers`` text layers (the parity gate's truncated slice).
     """
-    check_options(precision, block_size, accuracy_level, logits, context_length)
+    options = (options or DecoderOptions()).replace(**fields)
+    precision, logits = options.precision, options.logits
     from ..passes import decoder_passes
     from ..passes.base import run_passes
     from ..passes.insert_deepstack import InsertDeepStackPass
@@ -91,16 +72,7 @@ def build_decoder(
     with _PeakRSS() as rss:
         try:
             t = time.perf_counter()
-            model, spec = build_decoder_model(
-                checkpoint,
-                precision=precision,
-                block_size=block_size,
-                accuracy_level=accuracy_level,
-                keep_lm_head_fp=keep_lm_head_fp,
-                logits=logits,
-                context_length=context_length,
-                layers=layers,
-            )
+            model, spec = build_decoder_model(checkpoint, options, layers=layers)
             seconds["build"] = time.perf_counter() - t
 
             t = time.perf_counter()
@@ -139,30 +111,26 @@ def build_decoder(
 
     sizes = {name: (out_path.parent / name).stat().st_size for name in [out_path.name, *data_files]}
     seconds["total"] = sum(seconds.values())
-    return {
-        "file": out_path.name,
-        "data_files": data_files,
-        "precision": precision,
-        "quantization": {
-            "bits": 4,
-            "block_size": block_size,
-            "accuracy_level": accuracy_level,
-            "symmetric": True,
-            "lm_head": "fp32" if keep_lm_head_fp else "int4",
-        }
-        if precision == "int4"
-        else None,
-        "logits": logits,
-        "deepstack_levels": levels,
-        "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(spec).items()},
-        "inputs": interface["inputs"],
-        "outputs": interface["outputs"],
-        "passes": reports,
-        "sizes": {**sizes, "total": sum(sizes.values())},
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "rss_before_bytes": rss.start,
-        "peak_rss_bytes": rss.peak,
-    }
+    return GraphEntry(
+        file=out_path.name,
+        kind="decoder",
+        precision=precision,
+        inputs=interface["inputs"],
+        outputs=interface["outputs"],
+        data_files=data_files,
+        passes=reports,
+        details={
+            "quantization": options.quantization,
+            "logits": logits,
+            "deepstack_levels": levels,
+            "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(spec).items()},
+            "sizes": {**sizes, "total": sum(sizes.values())},
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "rss_before_bytes": rss.start,
+            "peak_rss_bytes": rss.peak,
+            "build": {"builder": "qwen3vl-compile onnx-ir decoder builder (weights streamed)"},
+        },
+    )
 
 
 def graph_interface(graph: ir.Graph) -> dict:
@@ -180,7 +148,8 @@ def graph_interface(graph: ir.Graph) -> dict:
             out.append({"name": name, "dtype": dtype, "shape": shape})
         return out
 
-    return {"inputs": describe(graph.inputs), "outputs": describe(graph.outputs)}
+    return {"inputs": [TensorInfo.from_json(d) for d in describe(graph.inputs)],
+            "outputs": [TensorInfo.from_json(d) for d in describe(graph.outputs)]}
 
 
 def _rss_bytes() -> int:
@@ -220,4 +189,4 @@ class _PeakRSS:
             self.peak = max(self.peak or 0, _rss_bytes())
 
 
-__all__ = ["build_decoder", "check_options", "PRECISIONS", "LOGITS_MODES"]
+__all__ = ["build_decoder"]

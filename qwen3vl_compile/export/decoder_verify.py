@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import Checkpoint
+from ..options import DecoderOptions
 from ..parity import TOLERANCES, GraphParity, measure
 from .text_decoder import TEXT_PREFIXES, DecoderSpec
 
@@ -51,16 +52,6 @@ DECODE_STEPS = 3
 ROUND_CHUNK_ELEMENTS = 16 << 20
 # (case, grids): grids in patches (t, h, w); merged tokens = h * w / merge^2.
 CASES = (("text_only", ()), ("image", ((1, 6, 8),)), ("two_images", ((1, 4, 4), (1, 6, 4))))
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderOptions:
-    """What the decoder was built with: the oracle applies the same weight rounding."""
-
-    precision: str = "fp32"
-    block_size: int = 32
-    accuracy_level: int = 4
-    keep_lm_head_fp: bool = False
 
 
 def text_weight_bytes(ck: Checkpoint, layers: int | None = None) -> int:

@@ -30,7 +30,9 @@ import numpy as np
 import onnx_ir as ir
 
 from ..checkpoint import Checkpoint
+from ..bundle.records import GraphEntry, TensorInfo
 from ..errors import UsageError
+from ..options import DecoderOptions
 
 INPUT_NAMES = ["input_ids", "image_features", "deepstack_features"]
 OUTPUT_NAMES = ["inputs_embeds", "deepstack_embeds"]
@@ -134,9 +136,6 @@ def build_embedding_graph(embed_tokens, *, num_levels: int, pad_token_ids: tuple
     return ir.Model(graph, ir_version=10, producer_name="qwen3vl-compile")
 
 
-EMBEDDING_PRECISIONS = ("auto", "fp32", "int4")
-
-
 def shared_int4_table(decoder_path: Path, block_size: int) -> Int4Table:
     """Point at the decoder's INT4 lm_head bytes (no copy): the embedding graph then adds
     nothing to the bundle's size."""
@@ -180,11 +179,16 @@ def _table(ck: Checkpoint, key: str, precision: str) -> np.ndarray:
     return t.float().numpy()
 
 
-def build_embedding(ck: Checkpoint, out_dir: Path, *, precision: str = "auto", block_size: int = 32) -> dict:
-    """Write ``embedding.onnx`` from the checkpoint's ``embed_tokens``: exact for ``auto`` and
-    ``fp32``; ``int4`` reuses the decoder's INT4 lm_head (decoder.onnx must exist)."""
-    from qwen3vl_compile.passes.base import run_passes
+def build_embedding(ck: Checkpoint, out_dir: Path, options: DecoderOptions | None = None, **fields) -> GraphEntry:
+    """Write ``embedding.onnx`` from the checkpoint's ``embed_tokens`` at
+    ``options.embedding_precision``: exact for ``auto`` and ``fp32``; ``int4`` reuses the
+    decoder's INT4 lm_head (decoder.onnx must exist). Keyword ``fields`` override single
+    options (``embedding_precision="fp32"``)."""
+    from qwen3vl_compile.passes.base import check_saved_model, run_passes
     from qwen3vl_compile.passes.check_model import CheckModelPass
+
+    options = (options or DecoderOptions()).replace(**fields)
+    precision, block_size = options.embedding_precision, options.block_size
 
     key = ck.find("embed_tokens.weight", ("model.language_model.", "model.", "language_model.model."))
     if precision == "int4":
@@ -203,15 +207,9 @@ def build_embedding(ck: Checkpoint, out_dir: Path, *, precision: str = "auto", b
     data_files = []
     if precision == "int4":
         # The table stays an external reference into decoder.onnx.data: check the saved file.
-        import time
-
-        from qwen3vl_compile.passes.check_model import check_model_file
-
         ir.save(model, path)
         data_files.append("decoder.onnx.data")
-        t = time.perf_counter()
-        reports = [{"pass": "CheckModelPass", "modified": False, "stats": check_model_file(path),
-                    "seconds": round(time.perf_counter() - t, 3)}]
+        reports = [check_saved_model(path, graph="embedding")]
         return _report(path, data_files, precision, stored, levels, ck, reports)
     model, reports = run_passes(model, (CheckModelPass(),), graph="embedding")
     if model.graph.initializers["embed_tokens.weight"].const_value.nbytes > EXTERNAL_DATA_THRESHOLD:
@@ -222,26 +220,22 @@ def build_embedding(ck: Checkpoint, out_dir: Path, *, precision: str = "auto", b
     return _report(path, data_files, precision, stored, levels, ck, reports)
 
 
-def _report(path, data_files, precision, stored, levels, ck, reports) -> dict:
+def _report(path, data_files, precision, stored, levels, ck, reports) -> GraphEntry:
     hidden = ck.text_config["hidden_size"]
-    return {
-        "file": path.name,
-        "data_files": data_files,
-        "kind": "embedding",
-        "precision": "int4" if precision == "int4" else "fp32",
-        "table_dtype": stored,
-        "inputs": [
-            {"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
-            {"name": "image_features", "dtype": "float32", "shape": ["num_image_tokens", hidden]},
-            {"name": "deepstack_features", "dtype": "float32", "shape": [levels, "num_image_tokens", hidden]},
-        ],
-        "outputs": [
-            {"name": "inputs_embeds", "dtype": "float32", "shape": ["batch_size", "sequence_length", hidden]},
-            {"name": "deepstack_embeds", "dtype": "float32", "shape": [levels, "batch_size", "sequence_length", hidden]},
-        ],
-        "pad_token_ids": [ck.token_id("image_token_id"), ck.token_id("video_token_id")],
-        "passes": reports,
-    }
+    T = TensorInfo
+    return GraphEntry(
+        file=path.name,
+        kind="embedding",
+        precision="int4" if precision == "int4" else "fp32",
+        inputs=[T("input_ids", "int64", ("batch_size", "sequence_length")),
+                T("image_features", "float32", ("num_image_tokens", hidden)),
+                T("deepstack_features", "float32", (levels, "num_image_tokens", hidden))],
+        outputs=[T("inputs_embeds", "float32", ("batch_size", "sequence_length", hidden)),
+                 T("deepstack_embeds", "float32", (levels, "batch_size", "sequence_length", hidden))],
+        data_files=data_files,
+        passes=reports,
+        details={"table_dtype": stored, "pad_token_ids": [ck.token_id("image_token_id"), ck.token_id("video_token_id")]},
+    )
 
 
 def reference_embedding(weight, input_ids: np.ndarray, image_features: np.ndarray, deepstack: np.ndarray, pad_ids):
@@ -263,13 +257,13 @@ def reference_embedding(weight, input_ids: np.ndarray, image_features: np.ndarra
     return {"inputs_embeds": out.numpy(), "deepstack_embeds": torch.stack(levels).numpy() if levels else np.zeros((0,) + tuple(embeds.shape), np.float32)}
 
 
-def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3, precision: str = "fp32", block_size: int = 32):
+def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3, precision: str = "fp32", block_size: int = 32,
+                     threads: int = 0):
     """Parity of embedding.onnx against the reference on a text-only and a two-image prompt.
     For ``int4`` the reference table rows are the INT4 lm_head's own quantize-dequantize
     round trip (the oracle, gated); the distance to the unquantized rows is reported."""
-    import onnxruntime as ort
-
     from ..parity import TOLERANCES, GraphParity, measure
+    from ..runtime.session import ort_session
 
     key = ck.find("embed_tokens.weight", ("model.language_model.", "model.", "language_model.model."))
     weight = ck.tensor(key).float()
@@ -280,7 +274,7 @@ def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3, precisio
     rng = np.random.default_rng(seed)
     text = rng.integers(0, 1000, size=(1, 12)).astype(np.int64)
     two_images = np.concatenate([text[:, :3], np.full((1, 4), pad), text[:, 3:6], np.full((1, 6), pad), text[:, 6:]], axis=1)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path, threads)
     tol = TOLERANCES[("embedding", precision)]
     plain = weight
     if precision == "int4":  # rows are quantized independently: the rows used are enough

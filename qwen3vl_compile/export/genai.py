@@ -5,7 +5,8 @@ onnxruntime-genai's ``qwen3_vl`` runtime runs three sessions and passes one tens
 each: vision (``pixel_values``, ``image_grid_thw`` -> ``image_features``), embedding
 (``input_ids``, ``image_features`` -> ``inputs_embeds``), decoder (``inputs_embeds``,
 ``attention_mask``, ``position_ids [3, B, S]``, KV cache). It knows nothing of DeepStack.
-The levels ride along in extra channels (REFERENCE section 6): ``genai_config.json``
+The levels ride along in extra channels (its runtime passes one tensor per step and
+checks only the declared hidden size): ``genai_config.json``
 declares ``decoder.hidden_size = H * (1 + K)``, and three thin graphs wrap the verified ones:
 
 =====================  =======================  =========================================
@@ -27,18 +28,18 @@ Each wrapper is checked like every other graph: it is run on its source graph's 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import onnx_ir as ir
 
+from ..bundle.records import GraphEntry, ParityRecord
 from ..errors import ExportError
 from .decoder import graph_interface
 
 GENAI_CONFIG = "genai_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
-# onnxruntime-genai's model type for Qwen3-VL (its builder writes "qwen3vl", which its
-# runtime rejects: REFERENCE section 6).
+# onnxruntime-genai's model type for Qwen3-VL (its own builder writes "qwen3vl", a name its
+# runtime's model-type table does not know, so such a config fails to load).
 GENAI_MODEL_TYPE = "qwen3_vl"
 
 
@@ -60,12 +61,11 @@ def _passes(kind: str):
     return genai_passes(_pairs(kind))
 
 
-def _source_graphs(manifest: dict) -> dict[str, str]:
+def _source_graphs(graphs: dict[str, GraphEntry]) -> dict[str, str]:
     """genai graph name -> the bundle graph it wraps; refuses a bundle without them."""
-    graphs = manifest["graphs"]
     # onnxruntime-genai sends every image of a prompt in one call: the multi-image graph.
-    dynamic = next((n for n, g in graphs.items() if g.get("kind") == "vision" and g.get("dynamic")
-                    and g.get("images_per_call", "any") == "any" and not g.get("deepstack_packing")), None)
+    dynamic = next((n for n, g in graphs.items() if g.kind == "vision" and g.details.get("dynamic")
+                    and g.details.get("images_per_call", "any") == "any" and not g.details.get("deepstack_packing")), None)
     sources = {"genai_vision": dynamic, "genai_embedding": "embedding", "genai_decoder": "decoder"}
     missing = [name for name, src in sources.items() if src not in graphs]
     if missing:
@@ -74,58 +74,58 @@ def _source_graphs(manifest: dict) -> dict[str, str]:
     return sources
 
 
-def build_genai_graphs(staging: Path, manifest: dict) -> dict[str, dict]:
-    """Write the three ``genai_*.onnx`` wrappers next to their sources; return their manifest
-    entries (not yet recorded in ``manifest``)."""
-    from qwen3vl_compile.passes.base import run_passes
-    from qwen3vl_compile.passes.check_model import check_model_file
+def build_genai_graphs(staging: Path, graphs: dict[str, GraphEntry]) -> dict[str, GraphEntry]:
+    """Write the three ``genai_*.onnx`` wrappers next to their sources (``graphs``: the
+    bundle's graphs so far); return their entries."""
+    from qwen3vl_compile.passes.base import check_saved_model, run_passes
 
     entries = {}
-    levels = manifest["graphs"]["decoder"]["spec"]["deepstack_levels"]
-    for name, source in _source_graphs(manifest).items():
-        src = manifest["graphs"][source]
-        kind = src["kind"]
-        model = ir.load(staging / src["file"])  # external weights stay references
+    levels = graphs["decoder"].details["spec"]["deepstack_levels"]
+    for name, source in _source_graphs(graphs).items():
+        src = graphs[source]
+        model = ir.load(staging / src.file)  # external weights stay references
         model.graph.name = name
-        model, reports = run_passes(model, _passes(kind), graph=name)
+        model, reports = run_passes(model, _passes(src.kind), graph=name)
         path = staging / f"{name}.onnx"
         ir.save(model, path)
-        t = time.perf_counter()
-        reports.append({"pass": "CheckModelPass", "modified": False, "stats": check_model_file(path),
-                        "seconds": round(time.perf_counter() - t, 3)})
-        entries[name] = {
-            "kind": kind,
-            "file": path.name,
-            "data_files": list(src.get("data_files", [])),  # shared with the source graph
-            "precision": src["precision"],
-            "target": "ort-genai",
-            "source_graph": source,
-            **({"dynamic": True} if src.get("dynamic") else {}),
-            **({"spec": src["spec"]} if kind == "decoder" else {}),
-            "deepstack_packing": {"levels": levels, **_pairs(kind)},
-            **graph_interface(model.graph),
-            "passes": reports,
-        }
+        reports.append(check_saved_model(path, graph=name, before=reports))
+        interface = graph_interface(model.graph)
+        entries[name] = GraphEntry(
+            file=path.name,
+            kind=src.kind,
+            precision=src.precision,
+            inputs=interface["inputs"],
+            outputs=interface["outputs"],
+            data_files=list(src.data_files),  # shared with the source graph
+            passes=reports,
+            details={
+                "target": "ort-genai",
+                "source_graph": source,
+                **({"dynamic": True} if src.details.get("dynamic") else {}),
+                **({"spec": src.details["spec"]} if src.kind == "decoder" else {}),
+                "deepstack_packing": {"levels": levels, **_pairs(src.kind)},
+            },
+        )
         del model
     return entries
 
 
-def verify_genai_graph(staging: Path, manifest: dict, name: str, entry: dict, *, threads: int = 0):
-    """Run ``name`` on its source graph's golden input; return the measured GraphParity and the
-    golden entry it used (the source's file and tolerance)."""
-    from ..bundle.goldens import check_golden
+def verify_genai_graph(staging: Path, entry: GraphEntry, source: ParityRecord, *, threads: int = 0) -> ParityRecord:
+    """Run the wrapper ``entry`` on its source graph's golden input (``source``: the source
+    graph's parity record) and compare, unpacked, with the reference recorded for it."""
+    from ..bundle.goldens import check_graph_golden
 
-    source_parity = manifest["parity"][entry["source_graph"]]
-    golden = dict(source_parity["golden"])
-    view = {"graphs": {**manifest["graphs"], name: entry},
-            "parity": {**manifest["parity"], name: {"golden": golden, "reference": source_parity["reference"]}}}
-    return check_golden(staging, view, name, threads=threads), golden
+    parity = check_graph_golden(staging, entry.to_json(), source.golden.to_json(), threads=threads)
+    parity.graph = entry.name
+    parity.reference = (f"{source.parity.reference}; {entry.details['source_graph']}'s golden input, "
+                        "DeepStack packed into channels")
+    return ParityRecord(parity, source.golden)
 
 
-def genai_config(ck, manifest: dict) -> dict:
-    """``genai_config.json`` for onnxruntime-genai's ``qwen3_vl`` model type."""
-    spec = manifest["graphs"]["decoder"]["spec"]
-    gen = manifest.get("generation") or {}
+def genai_config(ck, spec: dict, generation: dict) -> dict:
+    """``genai_config.json`` for onnxruntime-genai's ``qwen3_vl`` model type (``spec``: the
+    decoder's spec as recorded in its entry; ``generation``: generation_config.json)."""
+    gen = generation or {}
     chat_end, text_end = ck.text_token_id("<|im_end|>"), ck.text_token_id("<|endoftext|>")
     eos = gen.get("eos_token_id", [t for t in (chat_end, text_end) if t is not None])
     io = {"session_options": {"log_id": "onnxruntime-genai", "provider_options": []}}
@@ -225,10 +225,10 @@ def processor_config(processor) -> dict:
     }
 
 
-def write_genai_configs(staging: Path, ck, manifest: dict) -> list[str]:
+def write_genai_configs(staging: Path, ck, spec: dict) -> list[str]:
     from ..runtime.preprocess import ProcessorConfig
 
-    processor = ProcessorConfig.from_dict(manifest.get("processor") or {})
-    (staging / GENAI_CONFIG).write_text(json.dumps(genai_config(ck, manifest), indent=2) + "\n")
+    processor = ProcessorConfig.from_dict(ck.preprocessor or {})
+    (staging / GENAI_CONFIG).write_text(json.dumps(genai_config(ck, spec, ck.generation_config), indent=2) + "\n")
     (staging / PROCESSOR_CONFIG).write_text(json.dumps(processor_config(processor), indent=2) + "\n")
     return [GENAI_CONFIG, PROCESSOR_CONFIG]

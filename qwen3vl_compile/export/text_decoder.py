@@ -35,10 +35,10 @@ import onnx_ir as ir
 
 from ..checkpoint import Checkpoint
 from ..errors import ExportError, UsageError
+from ..options import DecoderOptions
 from .moe import is_moe_layer, moe_kwargs, moe_mlp
 from .quantize import quantize_int4
 
-PRECISIONS = ("int4", "fp16", "fp32")
 TEXT_PREFIXES = ("model.language_model.", "model.", "language_model.model.")
 F32, I64, I32 = ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.INT32
 
@@ -179,21 +179,18 @@ class _Weights:
 
 def build_decoder_model(
     ck: Checkpoint,
+    options: DecoderOptions | None = None,
     *,
-    precision: str = "int4",
-    block_size: int = 32,
-    accuracy_level: int = 4,
-    keep_lm_head_fp: bool = False,
-    logits: str = "all",
-    context_length: int = 8192,
     layers: int | None = None,
+    **fields,
 ) -> tuple[ir.Model, DecoderSpec]:
-    """``layers``: build only the first ``layers`` decoder layers (then the final norm and
-    lm_head), for the parity gate's truncated slice; default all."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if logits not in ("all", "last"):
-        raise UsageError(f"logits {logits!r}: choose 'all' or 'last'")
+    """The decoder graph for ``options`` (a :class:`~qwen3vl_compile.options.DecoderOptions`;
+    keyword ``fields`` override single options, e.g. ``precision="fp32"``). ``layers``: build
+    only the first ``layers`` decoder layers (then the final norm and lm_head), for the
+    parity gate's truncated slice; default all."""
+    o = (options or DecoderOptions()).replace(**fields)
+    precision, block_size, accuracy_level = o.precision, o.block_size, o.accuracy_level
+    keep_lm_head_fp, logits, context_length = o.keep_lm_head_fp, o.logits, o.context_length
     spec = DecoderSpec.from_checkpoint(ck, context_length)
     if layers is not None:
         if not 1 <= layers <= spec.layers:

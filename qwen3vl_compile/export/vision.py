@@ -18,6 +18,7 @@ import numpy as np
 
 from ..buckets import VisionBucket
 from ..bundle.goldens import pixel_values_from_u8
+from ..bundle.records import GraphEntry
 from ..errors import ExportError
 from ..parity import TOLERANCES, GraphParity, measure
 
@@ -117,7 +118,7 @@ def export_vision_bucket(visual, bucket: VisionBucket, out_dir: Path, *, passes=
         data_files.append(f"{name}.onnx.data")
     else:
         ir.save(model, path)
-    return {
+    return GraphEntry.from_json({
         "file": path.name,
         "data_files": data_files,
         "kind": "vision",
@@ -134,8 +135,8 @@ def export_vision_bucket(visual, bucket: VisionBucket, out_dir: Path, *, passes=
         ],
         "export": {"exporter": f"torch.onnx.export(dynamo=True) torch {torch.__version__}", "seconds": round(export_seconds, 2)},
         "patches": patch_names,
-        "passes": reports,
-    }
+        "passes": [r.to_json() for r in reports],
+    })
 
 
 def reference_outputs(visual, pixel_values: np.ndarray, grid_thw) -> dict[str, np.ndarray]:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle.records import GraphEntry
 from ..errors import ExportError
 from ..parity import TOLERANCES, GraphParity, measure
 from ..runtime.vision import run_dynamic
@@ -132,7 +133,7 @@ def export_vision_dynamic(visual, out_dir: Path, *, per_image: bool = True, pass
     else:
         ir.save(model, path)
     out_hidden = visual.config.out_hidden_size
-    return {
+    return GraphEntry.from_json({
         "file": path.name,
         "data_files": data_files,
         "kind": "vision",
@@ -157,8 +158,8 @@ def export_vision_dynamic(visual, out_dir: Path, *, per_image: bool = True, pass
             "seconds": round(export_seconds, 2),
         },
         "patches": patch_names,
-        "passes": reports,
-    }
+        "passes": [r.to_json() for r in reports],
+    })
 
 
 def _check_interface(model, name: str = GRAPH_NAME, per_image: bool = True) -> None:

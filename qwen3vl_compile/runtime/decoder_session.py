@@ -34,11 +34,9 @@ class DecoderSession:
         import onnxruntime as ort
 
         if session is None:
-            opts = ort.SessionOptions()
-            if threads:
-                opts.intra_op_num_threads = threads
-                opts.inter_op_num_threads = 1
-            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            from .session import ort_session
+
+            session = ort_session(path, threads)
         self.session = session
         self.ort = ort
         inputs = {i.name: i for i in session.get_inputs()}

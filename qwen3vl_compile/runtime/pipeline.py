@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..bundle.check import open_checked
+from .session import ort_session
 from ..errors import BundleError, GenerationError, RuntimeInputError
 from .chat import ChatFormatter
 from .decoder_session import DecoderSession
@@ -44,8 +45,6 @@ class GenerationResult:
 
 class Pipeline:
     def __init__(self, root: Path, manifest: dict, *, threads: int = 0, on_miss: str = "fallback"):
-        import onnxruntime as ort
-
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise RuntimeInputError(f"threads must be a whole number >= 0 (0: all cores), got {threads!r}")
 
@@ -67,11 +66,7 @@ class Pipeline:
         self.placeholder_ids = {self.image_token_id, self.video_token_id, self.chat.tokenizer.token_to_id("<|vision_pad|>")}
 
         def session(path):
-            opts = ort.SessionOptions()
-            if threads:
-                opts.intra_op_num_threads = threads
-                opts.inter_op_num_threads = 1
-            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            return ort_session(path, threads)
 
         self._session = session
         self.embedding = session(self.root / graphs["embedding"]["file"])

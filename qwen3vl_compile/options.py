@@ -1,0 +1,85 @@
+"""The text-side build options (decoder and embedding): one frozen object, one set of
+defaults, validated once when it is made. The CLI, ``CompileConfig``, ``build_decoder``,
+``build_embedding``, the decoder's parity gate and the benchmarks all take this object.
+
+Error messages name the command-line flag (``--block-size``); the Python API's field has
+the same name with underscores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .errors import UsageError
+
+PRECISIONS = ("fp32", "fp16", "int4")
+# MatMulNBits takes a power of two >= 16 weights per scale.
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+# MatMulNBits accuracy_level: 0 = fp32 compute (exact on the dequantized weights), 4 = int8.
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# ``last``: logits of the last position only (all generation needs); ``all``: every position.
+LOGITS_MODES = ("last", "all")
+# ``auto``: the checkpoint's own dtype (bf16 stays bf16, exact); ``int4``: the INT4 lm_head's bytes.
+EMBEDDING_PRECISIONS = ("auto", "fp32", "int4")
+# The smallest KV cache worth building: a chat template alone is tens of tokens.
+MIN_CONTEXT_LENGTH = 64
+
+
+def _whole(value, flag: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{flag} {value!r}: must be a whole number >= {minimum}")
+
+
+def _choice(value, flag: str, choices: tuple) -> None:
+    if isinstance(value, bool) or value not in choices:
+        raise UsageError(f"{flag} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderOptions:
+    """How the text decoder (and the embedding table) are built.
+
+    ``precision``: ``int4`` (MatMulNBits, 4 bits, symmetric, ``block_size`` weights per
+    scale, ``accuracy_level`` 4 = int8 activations; the lm_head too unless
+    ``keep_lm_head_fp``), ``fp16`` (weights stored in half precision, computed in fp32) or
+    ``fp32``. ``context_length``: KV cache and rotary table rows. ``embedding_precision``:
+    the token embedding table (``int4`` shares the decoder's INT4 lm_head bytes).
+    """
+
+    precision: str = "int4"
+    block_size: int = 32
+    accuracy_level: int = 4
+    keep_lm_head_fp: bool = False
+    logits: str = "last"
+    context_length: int = 8192
+    embedding_precision: str = "auto"
+
+    def __post_init__(self):
+        _choice(self.precision, "--precision", PRECISIONS)
+        _choice(self.logits, "--logits", LOGITS_MODES)
+        if isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES:
+            raise UsageError(f"--block-size {self.block_size!r}: MatMulNBits needs a power of two >= 16 "
+                             f"({', '.join(map(str, BLOCK_SIZES))})")
+        if isinstance(self.accuracy_level, bool) or self.accuracy_level not in ACCURACY_LEVELS:
+            raise UsageError(f"--accuracy-level {self.accuracy_level!r}: choose 0..4 (4 = int8 compute)")
+        if not isinstance(self.keep_lm_head_fp, bool):
+            raise UsageError(f"--keep-lm-head-fp {self.keep_lm_head_fp!r}: must be True or False")
+        _whole(self.context_length, "--context-length", MIN_CONTEXT_LENGTH)
+        _choice(self.embedding_precision, "--embedding-precision", EMBEDDING_PRECISIONS)
+        if self.embedding_precision == "int4" and (self.precision != "int4" or self.keep_lm_head_fp):
+            raise UsageError("--embedding-precision int4 shares the decoder's INT4 lm_head: it needs --precision int4 "
+                             "and no --keep-lm-head-fp")
+
+    def replace(self, **changes) -> "DecoderOptions":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def quantization(self) -> dict | None:
+        """The INT4 settings as the manifest records them (None for fp32 / fp16)."""
+        if self.precision != "int4":
+            return None
+        return {"bits": 4, "block_size": self.block_size, "accuracy_level": self.accuracy_level,
+                "symmetric": True, "lm_head": "fp32" if self.keep_lm_head_fp else "int4"}
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
