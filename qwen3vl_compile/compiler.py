@@ -30,6 +30,7 @@ from .bundle.records import GoldenRef, GraphEntry, ParityRecord, StageResult
 from .presets import is_preset
 from .progress import Progress
 from .support import check_build_options
+from .upstream import check_upstream
 
 ASSET_FILES = (
     "config.json",
@@ -55,6 +56,7 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
     protected = [model_dir] if not is_preset(cfg.model) and model_dir.is_dir() else []
     writer = BundleWriter(cfg.output, force=cfg.force, protected=protected, log=progress.log)
     writer.check_target()  # fail before any expensive work
+    check_upstream()
 
     with progress.stage("load"):
         path = resolve_model_source(cfg.model, cache_dir=cfg.cache_dir, log=progress.log)
