@@ -25,9 +25,11 @@ EMBEDDING_PRECISIONS = ("auto", "fp32", "int4")
 MIN_CONTEXT_LENGTH = 64
 
 
-def _whole(value, flag: str, minimum: int) -> None:
+def whole_number(value, name: str, minimum: int, error: type[Exception] = UsageError) -> None:
+    """The one check of a whole-number option (compile and run alike): an int (not a bool)
+    of at least ``minimum``; else ``error`` naming the option and the value."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{flag} {value!r}: must be a whole number >= {minimum}")
+        raise error(f"{name} must be a whole number >= {minimum}, got {value!r}")
 
 
 def _choice(value, flag: str, choices: tuple) -> None:
@@ -64,7 +66,7 @@ class DecoderOptions:
             raise UsageError(f"--accuracy-level {self.accuracy_level!r}: choose 0..4 (4 = int8 compute)")
         if not isinstance(self.keep_lm_head_fp, bool):
             raise UsageError(f"--keep-lm-head-fp {self.keep_lm_head_fp!r}: must be True or False")
-        _whole(self.context_length, "--context-length", MIN_CONTEXT_LENGTH)
+        whole_number(self.context_length, "--context-length", MIN_CONTEXT_LENGTH)
         _choice(self.embedding_precision, "--embedding-precision", EMBEDDING_PRECISIONS)
         if self.embedding_precision == "int4" and (self.precision != "int4" or self.keep_lm_head_fp):
             raise UsageError("--embedding-precision int4 shares the decoder's INT4 lm_head: it needs --precision int4 "

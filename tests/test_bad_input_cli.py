@@ -47,7 +47,7 @@ def _one_line(capsys, code, rc, *needles):
 
 
 COMPILE_CASES = [
-    (["--threads", "-1"], 2, "[arguments] --threads -1"),
+    (["--threads", "-1"], 2, "[arguments] --threads must be a whole number >= 0, got -1"),
     (["--context-length", "100000000"], 2, "above the model's max_position_embeddings 262144"),
     (["--buckets", "99968"], 2, "above the checkpoint's max_pixels 16777216"),
     (["--buckets", "33"], 2, "[arguments]"),
@@ -85,7 +85,7 @@ RUN_CASES = [
     (["--temperature", "nan"], 2, "temperature must be a finite number"),
     (["--temperature", "inf"], 2, "temperature must be a finite number"),
     (["--seed", "-1"], 2, "seed must be a whole number >= 0"),
-    (["--max-new-tokens", "0"], 2, "--max-new-tokens must be >= 1"),
+    (["--max-new-tokens", "0"], 2, "max_new_tokens must be a whole number >= 1"),
     (["--top-p", "0"], 2, "--top-p must be in (0, 1]"),
     (["--image", "__DIR__"], 2, "is a directory"),
     (["--max-new-tokens", "1.5"], 2, "invalid int value"),

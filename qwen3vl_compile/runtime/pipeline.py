@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..bundle.check import open_checked
+from ..options import whole_number
 from .session import ort_session
 from ..errors import BundleError, GenerationError, RuntimeInputError
 from .chat import ChatFormatter
@@ -45,8 +46,7 @@ class GenerationResult:
 
 class Pipeline:
     def __init__(self, root: Path, manifest: dict, *, threads: int = 0, on_miss: str = "fallback"):
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-            raise RuntimeInputError(f"threads must be a whole number >= 0 (0: all cores), got {threads!r}")
+        whole_number(threads, "threads", 0, RuntimeInputError)
 
         self.root = Path(root)
         self.manifest = manifest
@@ -134,8 +134,6 @@ class Pipeline:
         return encoded
 
     def _generate(self, images, prompt: str, system, max_new_tokens: int, sampling: SamplingConfig) -> Iterator[str]:
-        if max_new_tokens < 1:
-            raise RuntimeInputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         t_start = time.perf_counter()
         sampler = Sampler(sampling, banned=self.placeholder_ids)
         processed, image_info, timings = self._preprocess_images(list(images))
@@ -219,6 +217,5 @@ def _check_api_inputs(images, prompt, system, max_new_tokens) -> list:
         raise RuntimeInputError(f"prompt must be a string, got {type(prompt).__name__}")
     if system is not None and not isinstance(system, str):
         raise RuntimeInputError(f"system must be a string or None, got {type(system).__name__}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-        raise RuntimeInputError(f"max_new_tokens must be a whole number, got {max_new_tokens!r}")
+    whole_number(max_new_tokens, "max_new_tokens", 1, RuntimeInputError)
     return list(images)

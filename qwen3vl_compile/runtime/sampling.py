@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from ..errors import RuntimeInputError
+from ..options import whole_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,8 +24,8 @@ class SamplingConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise RuntimeInputError(f"{name} must be a finite number, got {value!r}")
         for name, value in (("top_k", self.top_k), ("seed", self.seed)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise RuntimeInputError(f"{name} must be a whole number >= 0, got {value!r}")
+            if value is not None:
+                whole_number(value, name, 0, RuntimeInputError)
         if self.temperature < 0:
             raise RuntimeInputError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
