@@ -78,7 +78,7 @@ def main() -> int:
         d = load("decoder_4b")
         build = (d or {}).get("notes", {}).get("genai_build")
         baseline = (f"genai builder alone: {build['wall_s'] / 60:.1f} min, {build['peak_rss_bytes'] / 2**30:.1f} GiB"
-                    if build else "genai builder: 2:52, 22.7 GiB (REFERENCE)")
+                    if build else "genai builder: 2:52, 22.7 GiB (published, another CPU)")
         rows.append([what, baseline, ours, "<= 20 min, <= 16 GB"])
         size = sum(m["files"][f]["bytes"] for k in ("decoder", "embedding") for f in [m["graphs"][k]["file"], *m["graphs"][k]["data_files"]])
         rows.append(["bundle size, decoder + embedding", "genai decoder 2.65 GB", f"{size / 1e9:.2f} GB", "<= 2.6 GB"])

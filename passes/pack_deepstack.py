@@ -3,8 +3,8 @@
 onnxruntime-genai's runtime passes exactly one tensor from the vision graph to the embedding
 graph (``image_features``) and one from the embedding graph to the decoder
 (``inputs_embeds``). DeepStack would be dropped on the way; carried in extra channels of
-that one tensor, it survives (REFERENCE section 6: the decoder then declares
-``hidden_size = H * (1 + K)``). Rules:
+that one tensor, it survives (onnxruntime-genai checks only the declared width, so the
+decoder then declares ``hidden_size = H * (1 + K)``). Rules:
 
 1. Find the graph outputs ``features [..., H]`` and ``deepstack [K, ..., H]`` (the levels on
    axis 0, every other axis equal to ``features``'s).

@@ -1,5 +1,6 @@
-"""Qwen3-VL token ids (REFERENCE section 1). Real checkpoints are read from their own files;
-these constants build the embedded test tokenizer and check checkpoints."""
+"""Qwen3-VL's special tokens and their ids, as every published Qwen3-VL tokenizer has them.
+Real checkpoints are read from their own files; these constants build the embedded test
+tokenizer and check that a checkpoint's tokenizer agrees with its config."""
 
 QWEN_VOCAB_SIZE = 151936  # rows of the embedding table (padded beyond the last special token)
 FIRST_SPECIAL_ID = 151643

@@ -16,7 +16,7 @@ _TOKEN_IDS = {
     "vision_end_token_id": SPECIAL_TOKENS["<|vision_end|>"],
 }
 
-# Qwen3-VL-4B-Instruct, as published (REFERENCE section 1).
+# Qwen3-VL-4B-Instruct's config.json, as published on the Hugging Face Hub.
 QWEN3_VL_4B = {
     "architectures": ["Qwen3VLForConditionalGeneration"],
     "model_type": "qwen3_vl",
@@ -67,7 +67,8 @@ QWEN3_VL_4B = {
 # The embedded test model: real token ids and vocabulary size, DeepStack levels at
 # non-consecutive blocks (so an off-by-one shows), interleaved MRoPE with three
 # non-empty sections, GQA, and weights initialised large (std 0.2) so positional
-# bugs change outputs by O(1) instead of 1e-5 (REFERENCE section 5).
+# bugs change outputs by O(1) instead of 1e-5 (with the usual std-0.02 initialisation the
+# model is close to linear in its inputs and such bugs hide in the noise).
 TINY = copy.deepcopy(QWEN3_VL_4B)
 TINY["text_config"].update(
     {

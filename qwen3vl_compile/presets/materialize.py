@@ -23,7 +23,8 @@ TINY_SEED = 1234
 TINY_INIT_STD = 0.2
 
 PREPROCESSOR_CONFIG = {
-    # Qwen3-VL checkpoint values (REFERENCE section 4), not the image processor class defaults.
+    # The values published Qwen3-VL checkpoints ship (patch 16, mean/std 0.5, their pixel
+    # bounds), not the image processor class defaults.
     "image_processor_type": "Qwen2VLImageProcessorFast",
     "processor_class": "Qwen3VLProcessor",
     "do_resize": True,
@@ -131,7 +132,8 @@ def build_random_model(values: dict, seed: int = TINY_SEED, *, std: float | None
 
 
 def build_tiny_model(seed: int = TINY_SEED):
-    """The embedded model, in memory, with large random weights (REFERENCE section 5)."""
+    """The embedded model, in memory, with large random weights (std 0.2, so that positional
+    bugs show at O(1))."""
     return build_random_model(preset_config("tiny"), seed)
 
 

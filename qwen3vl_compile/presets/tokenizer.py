@@ -1,4 +1,4 @@
-"""An offline tokenizer with Qwen's layout, for the embedded model (REFERENCE section 5).
+"""An offline tokenizer with Qwen's layout, for the embedded model (no download needed).
 
 A small byte-level BPE is trained on a built-in text with Qwen's pre-tokenizer split; the
 vocabulary is padded with unreachable entries up to id 151643 so that the special tokens

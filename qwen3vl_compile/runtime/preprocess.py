@@ -1,6 +1,6 @@
 """Qwen3-VL image preprocessing in numpy + Pillow, equal to Hugging Face's
-``Qwen2VLImageProcessorPil`` run with the checkpoint's own preprocessor values (REFERENCE
-section 4): no torch, no transformers.
+``Qwen2VLImageProcessorPil`` run with the checkpoint's own preprocessor values (from its
+preprocessor_config.json, not the class defaults): no torch, no transformers.
 
 1. load (path, PIL image or array) and convert to RGB, compositing transparency on white
    (``transformers.image_transforms.convert_to_rgb``);

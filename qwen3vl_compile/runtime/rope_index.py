@@ -1,5 +1,5 @@
 """Interleaved-MRoPE position ids in numpy, equal to Hugging Face's
-``Qwen3VLModel.get_rope_index`` (REFERENCE section 3), and the positions of decode steps.
+``Qwen3VLModel.get_rope_index`` (tested against it), and the positions of decode steps.
 
 Tokens are grouped into runs by modality (``mm_token_type_ids``: 0 text, 1 image pad,
 2 video pad). A text run of n tokens gets ``current + 0..n-1`` on all three axes. An image
