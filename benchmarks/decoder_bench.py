@@ -36,12 +36,9 @@ BUILD_RECORD = "qwen3vl_bench_build.json"  # the builder's wall time and peak RS
 
 
 def _session(path, threads):
-    import onnxruntime as ort
+    from qwen3vl_compile.runtime.session import ort_session
 
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = threads
-    o.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+    return ort_session(path, threads)
 
 
 class OnnxDecoder:

@@ -111,13 +111,10 @@ def genai_parity(path, ck, reference):
 
 
 def time_decoder(path, ck, threads, prompt=300, new=128):
-    import onnxruntime as ort
 
     from qwen3vl_compile.runtime.decoder_session import DecoderSession
 
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = threads
-    s = DecoderSession(path, max_length=prompt + new + 8, session=ort.InferenceSession(str(path), o), head_dim=ck.text_config["head_dim"])
+    s = DecoderSession(path, max_length=prompt + new + 8, threads=threads, head_dim=ck.text_config["head_dim"])
     ids = np.random.default_rng(0).integers(0, 150000, prompt)
     emb = _embeds(ck, ids)
     w = ck.tensor(ck.find("embed_tokens.weight", ("model.language_model.",))).float().numpy()

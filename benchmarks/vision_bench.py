@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--no-plain", action="store_true", help="skip the plain-export row")
     args = ap.parse_args()
 
-    import onnxruntime as ort
+    from qwen3vl_compile.runtime.session import ort_session
     import torch
 
     from qwen3vl_compile.buckets import parse_bucket
@@ -88,10 +88,7 @@ def main() -> int:
             visual(xt, grid_thw=grid)
 
     def session(p):
-        o = ort.SessionOptions()
-        o.intra_op_num_threads = args.threads
-        o.inter_op_num_threads = 1
-        return ort.InferenceSession(str(p), o, providers=["CPUExecutionProvider"])
+        return ort_session(p, args.threads)
 
     # Interleaved: one run of each system per round, so load from other processes spreads
     # over all of them instead of biasing one.

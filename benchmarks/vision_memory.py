@@ -32,10 +32,9 @@ from qwen3vl_compile.runtime.preprocess import ProcessorConfig, preprocess
 from qwen3vl_compile.runtime.vision import VisionEncoder, run_dynamic
 bundle, size, system = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 m = open_checked(bundle, skip_hash_check=True)
-import onnxruntime as ort
+from qwen3vl_compile.runtime.session import ort_session
 def session(p):
-    o = ort.SessionOptions(); o.intra_op_num_threads = 2
-    return ort.InferenceSession(str(p), o, providers=["CPUExecutionProvider"])
+    return ort_session(p, 2)
 img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
 p = preprocess(img, ProcessorConfig.from_dict(m["processor"]))
 grid = np.array([p.grid_thw], np.int64)
