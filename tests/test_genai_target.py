@@ -3,6 +3,7 @@ non-matching graphs, ONNX Runtime before and after), the bundle's onnxruntime-ge
 and greedy tokens from the unmodified onnxruntime-genai runtime equal to ours and to
 Hugging Face ``generate`` at fp32."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -144,7 +145,7 @@ def test_bundle_files_and_configs(genai_bundle, manifest):
     assert manifest["graphs"]["genai_decoder"]["data_files"] == ["decoder.onnx.data"]
     assert (genai_bundle / "genai_decoder.onnx").stat().st_size < 1 << 20
     for name in ("genai_vision", "genai_embedding", "genai_decoder"):
-        assert manifest["files"][f"{name}.onnx"]["sha256"]
+        assert manifest["files"][f"{name}.onnx"]["sha256"] == hashlib.sha256((genai_bundle / f"{name}.onnx").read_bytes()).hexdigest()
         assert manifest["parity"][name]["passed"], manifest["parity"][name]
     assert [p["pass"] for p in manifest["graphs"]["genai_embedding"]["passes"]] == [
         "UnpackDeepStackInputsPass", "PackDeepStackOutputsPass", "CheckModelPass"]

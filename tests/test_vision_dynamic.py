@@ -5,6 +5,7 @@ images, a planted bug that the verifier must catch, bucket parsing, serving thro
 compiled bundle, and memory that does not grow with patches^2."""
 
 import copy
+import hashlib
 import json
 
 import numpy as np
@@ -172,7 +173,7 @@ def test_cli_refuses_duplicate_dynamic(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name,per_call,grid_dim", [("vision_dynamic", 1, 1), ("vision_dynamic_multi", "any", "num_images")])
-def test_manifest_entry(manifest, name, per_call, grid_dim):
+def test_manifest_entry(bundle, manifest, name, per_call, grid_dim):
     g = manifest["graphs"][name]
     assert g["kind"] == "vision" and g["dynamic"] is True and g["precision"] == "fp32"
     assert g["images_per_call"] == per_call
@@ -182,7 +183,7 @@ def test_manifest_entry(manifest, name, per_call, grid_dim):
     assert g["passes"][2]["stats"]["multi_head_attention"] == 6
     assert [b["name"] for b in manifest["buckets"]] == ["448"]  # the dynamic graph is not a bucket
     assert manifest["options"]["buckets"] == ["448", "dynamic"]
-    assert manifest["files"][f"{name}.onnx"]["sha256"]
+    assert manifest["files"][f"{name}.onnx"]["sha256"] == hashlib.sha256((bundle / f"{name}.onnx").read_bytes()).hexdigest()
     assert manifest["graphs"]["genai_vision"]["source_graph"] == "vision_dynamic_multi"
 
 
@@ -225,7 +226,7 @@ def test_dynamic_graph_serves_like_the_pytorch_fallback(bundle, manifest, odd_im
 
 def test_on_miss_fit_and_error_unchanged(bundle, odd_image):
     fit = Pipeline.load(bundle, threads=2, on_miss="fit").generate(images=[odd_image], prompt="Hi", max_new_tokens=2)
-    assert fit.images[0]["served_by"] == "bucket 448" and "fit" in fit.images[0]
+    assert fit.images[0]["served_by"] == "bucket 448" and fit.images[0]["fit"] == "resized from 500x300 to bucket 448"
     with pytest.raises(RuntimeInputError, match="has no bucket"):
         Pipeline.load(bundle, threads=2, on_miss="error").generate(images=[odd_image], prompt="Hi", max_new_tokens=2)
 

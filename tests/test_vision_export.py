@@ -1,5 +1,6 @@
 """Bucketed vision graphs: parity against the unpatched tower, and the compile CLI around them."""
 
+import hashlib
 import json
 import os
 
@@ -55,7 +56,7 @@ def test_compile_writes_bundle_with_manifest(tmp_path, capsys):
         for case in m["parity"][name]["cases"].values():
             assert set(case) == {"image_features", "deepstack_0", "deepstack_1", "deepstack_2"}
         assert len(m["graphs"][name]["passes"]) == 4
-        assert m["files"][f"{name}.onnx"]["sha256"]
+        assert m["files"][f"{name}.onnx"]["sha256"] == hashlib.sha256((out / f"{name}.onnx").read_bytes()).hexdigest()
     assert "tokenizer.json" in m["files"] and "preprocessor_config.json" in m["files"]
     assert "parity max rel err" in capsys.readouterr().out
     # One copy of the tower's weights for both graphs; the per-bucket position tables differ.
