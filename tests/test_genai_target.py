@@ -11,9 +11,6 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-
-# A full --target ort-genai compile and onnxruntime-genai runs.
-pytestmark = pytest.mark.slow
 from PIL import Image
 
 from qwen3vl_compile import Pipeline
@@ -127,6 +124,7 @@ def manifest(genai_bundle):
     return json.loads((genai_bundle / "manifest.json").read_text())
 
 
+@pytest.mark.slow  # the --target ort-genai compile (session fixture genai_bundle)
 def test_bundle_files_and_configs(genai_bundle, manifest):
     cfg = json.loads((genai_bundle / "genai_config.json").read_text())["model"]
     spec = manifest["graphs"]["decoder"]["spec"]
@@ -151,6 +149,7 @@ def test_bundle_files_and_configs(genai_bundle, manifest):
         "UnpackDeepStackInputsPass", "PackDeepStackOutputsPass", "CheckModelPass"]
 
 
+@pytest.mark.slow  # the --target ort-genai compile (session fixture genai_bundle)
 def test_verify_reruns_the_genai_graphs(genai_bundle, capsys):
     assert verify(genai_bundle) == 0
     out = capsys.readouterr().out
@@ -158,6 +157,7 @@ def test_verify_reruns_the_genai_graphs(genai_bundle, capsys):
         assert name in out
 
 
+@pytest.mark.slow  # the --target ort-genai compile (session fixture genai_bundle)
 def test_genai_decoder_reads_the_deepstack_channels(genai_bundle, manifest):
     """The same golden prompt through decoder.onnx and genai_decoder.onnx: equal logits with
     DeepStack in the channels; zeroing those channels changes them (the check can see it)."""
@@ -221,6 +221,7 @@ GENAI_CASES = {
 }
 
 
+@pytest.mark.slow  # the ort-genai compile, Hugging Face generate and onnxruntime-genai runs
 @pytest.mark.parametrize("case", list(GENAI_CASES))
 def test_onnxruntime_genai_tokens_equal_ours_and_hf(genai_bundle, hf_generate, images, case):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (extra 'genai')")
