@@ -96,6 +96,10 @@ def test_sampling_is_seeded(pipe, images):
     a = pipe.generate(seed=1, **kw).token_ids
     b = pipe.generate(seed=1, **kw).token_ids
     assert a == b
+    # The seed is used and the options sample: the tiny model's random logits are flat over
+    # the top 50, so 8 tokens from another seed, or greedy ones, do not repeat these.
+    assert pipe.generate(seed=2, **kw).token_ids != a
+    assert pipe.generate(images=kw["images"], prompt="Hi", max_new_tokens=8).token_ids != a
 
 
 @slow
