@@ -22,11 +22,9 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def bundle(text_bundle):
     """A text-only fp32 bundle (no vision graphs: seconds to build)."""
-    out = tmp_path_factory.mktemp("bad") / "bundle"
-    assert compile_main(["--model", "tiny", "--graphs", "embedding,decoder", "--precision", "fp32", "-o", str(out), "-q"]) == 0
-    return out
+    return text_bundle
 
 
 def _exit_code(main, argv) -> int:
@@ -133,6 +131,7 @@ def _sh(cmd: str, **env) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, timeout=300)
 
 
+@pytest.mark.slow  # four fresh processes, each importing the package, one compiling
 def test_closed_pipes_are_not_errors(bundle, tmp_path):
     b = str(bundle)
     for cmd in (f"{BIN}/qwen3vl-compile inspect {b} | true", f"{BIN}/qwen3vl-compile verify {b} | head -c 1",
@@ -143,6 +142,7 @@ def test_closed_pipes_are_not_errors(bundle, tmp_path):
     assert (tmp_path / "e" / "manifest.json").is_file()
 
 
+@pytest.mark.slow  # two fresh processes, one compiling
 def test_ascii_terminal_and_quiet_mode(bundle, tmp_path):
     p = _sh(f"{BIN}/qwen3vl-run {bundle} --prompt 'Décris ☃' --max-new-tokens 6", PYTHONIOENCODING="ascii")
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr

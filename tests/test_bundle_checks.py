@@ -15,6 +15,12 @@ from qwen3vl_compile.cli import main as compile_main
 from qwen3vl_compile.runtime.cli import main as run_main
 
 
+# Tests on the two compiled bundles (fp32 with buckets 224 and 448, int4 with 448): about 30 s
+# of compiles on 2 cores, so they are in the slow tier; the checks that need no vision graph
+# run on the shared text-only bundle instead.
+slow = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
@@ -32,11 +38,20 @@ def bundle(fresh, tmp_path):
     return dst
 
 
+@pytest.fixture
+def text_copy(text_bundle, tmp_path):
+    """A copy of the text-only bundle, for the checks that need no vision graph."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(text_bundle, dst)
+    return dst
+
+
 def _verify(path, capsys):
     rc = compile_main(["verify", str(path)])
     return rc, capsys.readouterr()
 
 
+@slow
 def test_verify_passes_on_fresh_bundle(bundle, capsys):
     rc, out = _verify(bundle, capsys)
     assert rc == 0, out.out
@@ -45,12 +60,14 @@ def test_verify_passes_on_fresh_bundle(bundle, capsys):
         assert g in out.out
 
 
+@slow
 def test_inspect(bundle, capsys):
     assert compile_main(["inspect", str(bundle)]) == 0
     out = capsys.readouterr().out
     assert "manifest integrity ok" in out and "InsertDeepStackPass*" in out and "448 (grid 28x28" in out
 
 
+@slow
 def test_bundle_moved_still_runs(bundle, tmp_path, capsys):
     moved = tmp_path / "elsewhere" / "moved"
     shutil.move(str(bundle), moved)
@@ -58,7 +75,8 @@ def test_bundle_moved_still_runs(bundle, tmp_path, capsys):
     assert rc == 0
 
 
-def test_edited_manifest(bundle, capsys):
+def test_edited_manifest(text_copy, capsys):
+    bundle = text_copy
     m = json.loads((bundle / "manifest.json").read_text())
     m["parity"]["decoder"]["golden"]["tolerance_max_rel"] = 1.0
     (bundle / "manifest.json").write_text(json.dumps(m))
@@ -68,6 +86,7 @@ def test_edited_manifest(bundle, capsys):
     assert "edited after the compile" in capsys.readouterr().err
 
 
+@slow
 def test_missing_file(bundle, capsys):
     (bundle / "vision_448.onnx").unlink()
     rc, out = _verify(bundle, capsys)
@@ -77,13 +96,15 @@ def test_missing_file(bundle, capsys):
     assert "vision_448.onnx: missing" in err and err.count("\n") == 1
 
 
-def test_truncated_external_data(bundle, capsys):
+def test_truncated_external_data(text_copy, capsys):
+    bundle = text_copy
     data = bundle / "decoder.onnx.data"
     data.write_bytes(data.read_bytes()[:-1000])
     rc, out = _verify(bundle, capsys)
     assert rc == 1 and "decoder.onnx.data" in out.out and "truncated" in out.out
 
 
+@slow
 def test_graph_from_another_bundle(bundle, fresh, capsys):
     shutil.copy(fresh[1] / "decoder.onnx", bundle / "decoder.onnx")
     rc, out = _verify(bundle, capsys)
@@ -92,7 +113,8 @@ def test_graph_from_another_bundle(bundle, fresh, capsys):
     assert "decoder.onnx" in capsys.readouterr().err
 
 
-def test_skip_hash_check_runs_a_modified_bundle(bundle, capsys):
+def test_skip_hash_check_runs_a_modified_bundle(text_copy, capsys):
+    bundle = text_copy
     cfg = bundle / "generation_config.json"
     cfg.write_text(cfg.read_text() + " ")
     assert run_main([str(bundle), "--prompt", "hi", "--max-new-tokens", "2"]) == 1
@@ -100,6 +122,7 @@ def test_skip_hash_check_runs_a_modified_bundle(bundle, capsys):
     assert run_main([str(bundle), "--prompt", "hi", "--max-new-tokens", "2", "--skip-hash-check"]) == 0
 
 
+@slow
 def test_verify_catches_a_wrong_golden_result(bundle, capsys):
     """Tamper with a golden reference and re-hash it: the golden run itself must fail."""
     from qwen3vl_compile.bundle.manifest import sha256_file
@@ -116,6 +139,7 @@ def test_verify_catches_a_wrong_golden_result(bundle, capsys):
     assert rc == 1 and "vision_224" in out.out and "FAIL" in out.out
 
 
+@slow
 def test_verify_checks_interfaces_and_lists_stray_files(bundle, capsys):
     """A manifest whose claims were edited and re-hashed (bucket 448 said to be 480) fails on
     the graph's real interface; files the manifest does not know are listed."""
@@ -136,6 +160,7 @@ def test_verify_checks_interfaces_and_lists_stray_files(bundle, capsys):
     assert rc == 1 and "decoder: outputs are" in out.out and "logits_renamed" in out.out
 
 
+@slow
 def test_hints_only_what_helps(bundle, capsys):
     (bundle / "vision_224.onnx").unlink()
     assert run_main([str(bundle), "--prompt", "hi"]) == 1
@@ -159,6 +184,7 @@ TORCH_FREE = textwrap.dedent(
 )
 
 
+@slow
 def test_bucket_path_runs_without_torch(bundle, tmp_path):
     img = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8)).save(img)

@@ -62,6 +62,7 @@ def truncated_gate_bundle(untied_bf16, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # a full compile of the untied checkpoint
 def test_gate_on_a_truncated_slice_is_recorded(truncated_gate_bundle, capsys):
     m = json.loads((truncated_gate_bundle / "manifest.json").read_text())
     d = m["parity"]["decoder"]
@@ -79,6 +80,7 @@ def images(noise_images):
     return noise_images((448, 448), (500, 300))
 
 
+@pytest.mark.slow  # the compiled bundle and Hugging Face generate
 @pytest.mark.parametrize("case", ["one_image", "two_images", "text_only"])
 def test_greedy_tokens_equal_hf_generate(truncated_gate_bundle, untied_bf16, images, case):
     paths = {"one_image": images[:1], "two_images": images, "text_only": []}[case]

@@ -3,6 +3,7 @@ non-matching graphs, ONNX Runtime before and after), the bundle's onnxruntime-ge
 and greedy tokens from the unmodified onnxruntime-genai runtime equal to ours and to
 Hugging Face ``generate`` at fp32."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -10,9 +11,6 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-
-# A full --target ort-genai compile and onnxruntime-genai runs.
-pytestmark = pytest.mark.slow
 from PIL import Image
 
 from qwen3vl_compile import Pipeline
@@ -126,6 +124,7 @@ def manifest(genai_bundle):
     return json.loads((genai_bundle / "manifest.json").read_text())
 
 
+@pytest.mark.slow  # the --target ort-genai compile (session fixture genai_bundle)
 def test_bundle_files_and_configs(genai_bundle, manifest):
     cfg = json.loads((genai_bundle / "genai_config.json").read_text())["model"]
     spec = manifest["graphs"]["decoder"]["spec"]
@@ -144,12 +143,13 @@ def test_bundle_files_and_configs(genai_bundle, manifest):
     assert manifest["graphs"]["genai_decoder"]["data_files"] == ["decoder.onnx.data"]
     assert (genai_bundle / "genai_decoder.onnx").stat().st_size < 1 << 20
     for name in ("genai_vision", "genai_embedding", "genai_decoder"):
-        assert manifest["files"][f"{name}.onnx"]["sha256"]
+        assert manifest["files"][f"{name}.onnx"]["sha256"] == hashlib.sha256((genai_bundle / f"{name}.onnx").read_bytes()).hexdigest()
         assert manifest["parity"][name]["passed"], manifest["parity"][name]
     assert [p["pass"] for p in manifest["graphs"]["genai_embedding"]["passes"]] == [
         "UnpackDeepStackInputsPass", "PackDeepStackOutputsPass", "CheckModelPass"]
 
 
+@pytest.mark.slow  # the --target ort-genai compile (session fixture genai_bundle)
 def test_verify_reruns_the_genai_graphs(genai_bundle, capsys):
     assert verify(genai_bundle) == 0
     out = capsys.readouterr().out
@@ -157,6 +157,7 @@ def test_verify_reruns_the_genai_graphs(genai_bundle, capsys):
         assert name in out
 
 
+@pytest.mark.slow  # the --target ort-genai compile (session fixture genai_bundle)
 def test_genai_decoder_reads_the_deepstack_channels(genai_bundle, manifest):
     """The same golden prompt through decoder.onnx and genai_decoder.onnx: equal logits with
     DeepStack in the channels; zeroing those channels changes them (the check can see it)."""
@@ -220,6 +221,7 @@ GENAI_CASES = {
 }
 
 
+@pytest.mark.slow  # the ort-genai compile, Hugging Face generate and onnxruntime-genai runs
 @pytest.mark.parametrize("case", list(GENAI_CASES))
 def test_onnxruntime_genai_tokens_equal_ours_and_hf(genai_bundle, hf_generate, images, case):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (extra 'genai')")

@@ -39,13 +39,16 @@ def _rel(a, b):
 @pytest.mark.parametrize("bucket", GOLDEN_BUCKETS)
 def test_live_pytorch_matches_golden(tiny_visual, bucket):
     _, golden, meta = _load(bucket)
-    assert meta["regenerate"] and meta["bucket"]["name"] == bucket
+    # The recorded command names the script that exists in the repository today.
+    assert (ROOT / meta["regenerate"].split()[1]).is_file(), meta["regenerate"]
+    assert meta["bucket"]["name"] == bucket
     live = compute(bucket, tiny_visual)
     for k in ("image_features", "deepstack_features"):
         assert _rel(live[k], golden[k]) < 1e-5, k
 
 
-@pytest.mark.parametrize("bucket", GOLDEN_BUCKETS)
+# 224 is exported once per session for several modules; other buckets are exports of their own.
+@pytest.mark.parametrize("bucket", [b if b == "224" else pytest.param(b, marks=pytest.mark.slow) for b in GOLDEN_BUCKETS])
 def test_onnx_matches_golden(vision_graphs, bucket):
     import onnxruntime as ort
 

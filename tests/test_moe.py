@@ -53,6 +53,7 @@ def images(noise_images):
     return noise_images((448, 448), (320, 480))
 
 
+@pytest.mark.slow  # the fp32 MoE bundle (a full compile) and Hugging Face generate
 @pytest.mark.parametrize("case", ["one_image", "two_images", "text_only"])
 def test_greedy_tokens_equal_hf_generate(fp32_bundle, moe_path, hf_moe, images, case):
     paths = {"one_image": images[:1], "two_images": images, "text_only": []}[case]
@@ -63,6 +64,7 @@ def test_greedy_tokens_equal_hf_generate(fp32_bundle, moe_path, hf_moe, images, 
     assert got.token_ids == ref
 
 
+@pytest.mark.slow  # the fp32 MoE bundle (a full compile)
 def test_fp32_bundle_records_the_moe_graph(fp32_bundle):
     m = json.loads((fp32_bundle / "manifest.json").read_text())
     assert m["source"]["architecture"] == "Qwen3VLMoeForConditionalGeneration"
@@ -74,6 +76,7 @@ def test_fp32_bundle_records_the_moe_graph(fp32_bundle):
     assert ops.count("MoE") == 4 and "QMoE" not in ops
 
 
+@pytest.mark.slow  # an int4 decoder compile and its gate
 def test_int4_moe_is_gated(tmp_path):
     """Default precision: QMoE experts, gated exactly at fp32 activations and within the
     measured MoE tolerance at accuracy level 4."""
@@ -90,6 +93,7 @@ def test_int4_moe_is_gated(tmp_path):
     assert ops.count("QMoE") == 4
 
 
+@pytest.mark.slow  # an int4 decoder compile and its gate
 def test_moe_decoder_without_deepstack_fails_the_compile(tmp_path, monkeypatch, capsys):
     import qwen3vl_compile.passes as passes
     from qwen3vl_compile.passes.insert_deepstack import InsertDeepStackPass
@@ -101,7 +105,11 @@ def test_moe_decoder_without_deepstack_fails_the_compile(tmp_path, monkeypatch, 
     assert "decoder [image] logits" in capsys.readouterr().err and not out.exists()
 
 
-@pytest.mark.parametrize("model,precision", [("tiny", "fp32"), ("tiny-moe", "int4"), ("tiny-moe", "fp16")])
+@pytest.mark.parametrize("model,precision", [
+    ("tiny", "fp32"),
+    pytest.param("tiny-moe", "int4", marks=pytest.mark.slow),  # rounds every expert: seconds
+    pytest.param("tiny-moe", "fp16", marks=pytest.mark.slow),
+])
 def test_layer_streaming_reference_equals_the_whole_model(model, precision):
     """For slices whose fp32 weights exceed memory (235B-A22B) the reference runs one layer
     at a time; it gives exactly the whole-model reference's logits, plain and rounded."""
@@ -121,6 +129,7 @@ def test_layer_streaming_reference_equals_the_whole_model(model, precision):
         np.testing.assert_array_equal(s_oracle[name], oracle[name])
 
 
+@pytest.mark.slow  # two decoder compiles and their gates
 def test_hub_layout_experts_compile_and_pass_the_gate(tmp_path):
     """The Hub's Qwen3-VL MoE files store experts as [E, H, 2I] / [E, I, H] (transposed against
     transformers 5's in-memory layout): a checkpoint in either layout compiles to the same

@@ -77,8 +77,16 @@ def test_rollback_when_applying_fails_halfway(tiny_visual):
 
 
 def test_patch_records_reason(tiny_visual):
-    for p in vision_patches(tiny_visual, [(1, 14, 14)]):
-        assert len(p.reason) > 40, p.name
+    """Each patch carries the "why export fails without it" paragraph of the module that
+    defines its replacement, and that module is about the attribute the patch replaces."""
+    import inspect
+
+    patches = vision_patches(tiny_visual, [(1, 14, 14)])
+    for p in patches:
+        doc = inspect.getmodule(p.replacement).__doc__
+        assert p.reason.startswith("Why export fails without it:") and p.reason in doc, p.name
+        assert f".{p.attribute}``" in doc.splitlines()[0], (p.name, doc.splitlines()[0])
+    assert len({p.reason for p in patches}) == len(patches)
 
 
 def test_a_patch_refuses_an_upstream_version_it_was_not_written_for(tiny_visual):

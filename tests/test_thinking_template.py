@@ -71,6 +71,7 @@ def test_the_checkpoints_template_drives_the_prompt(bundle, thinking_checkpoint)
     assert ours == list(ref) and ours[-2:] == [151667, hf.convert_tokens_to_ids("Ċ")]
 
 
+@pytest.mark.slow  # Hugging Face generate
 def test_greedy_tokens_equal_hf_and_think_tags_are_text(bundle, thinking_checkpoint):
     ref = make_hf_generate(thinking_checkpoint)([], "Why is the sky blue?", 24)
     pipe = Pipeline.load(bundle)
