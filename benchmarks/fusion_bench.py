@@ -56,7 +56,7 @@ def main() -> int:
     model, reports = run_passes(ir.load(plain), [FuseSiblingMatMulNBitsPass()])
     ir.save(model, fused, external_data=fused.name + ".data")
     del model
-    print(reports[0]["stats"], flush=True)
+    print(reports[0].stats, flush=True)
 
     def session(path):
         return DecoderSession(path, max_length=args.prompt + args.steps + 8, threads=args.threads)
@@ -91,7 +91,7 @@ def main() -> int:
                      f"{d / statistics.median(base['decode']):.3f}x"])
     m = machine()
     text = "\n".join([
-        f"INT4 decoder {plain.name} ({reports[0]['stats']}), {args.threads} threads, median of {args.repeats}; "
+        f"INT4 decoder {plain.name} ({reports[0].stats}), {args.threads} threads, median of {args.repeats}; "
         f"{datetime.date.today()}, {m['cpu']}, {m['cores']} cores",
         "",
         table(rows, ["decoder", f"prefill {args.prompt} tok (s)", f"decode tok/s ({args.steps} steps)", "prefill speed", "decode speed"]),
@@ -100,7 +100,7 @@ def main() -> int:
     ])
     print(text)
     save(args.name, {"date": str(datetime.date.today()), "machine": m, "threads": args.threads, "times": times,
-                     "identical": identical, "stats": reports[0]["stats"]}, text)
+                     "identical": identical, "stats": reports[0].stats}, text)
     return 0
 
 

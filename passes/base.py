@@ -1,5 +1,5 @@
 """What every pass in this package shares: a result that carries counts, and a runner that
-collects each pass's report for the bundle manifest.
+collects each pass's report (a ``PassReport``) for the bundle manifest.
 
 Passes subclass onnx-ir's ``InPlacePass`` (or ``FunctionalPass``) and return a
 :class:`ReportedPassResult`. :func:`run_passes` runs an ordered tuple of passes with our own
@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import onnx_ir as ir
 
+from qwen3vl_compile.bundle.records import PassReport
 from qwen3vl_compile.errors import PassError
 
 logger = logging.getLogger("qwen3vl_compile.passes")
@@ -29,9 +30,11 @@ class ReportedPassResult(ir.passes.PassResult):
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase], *, graph: str = "") -> tuple[ir.Model, list[dict]]:
-    """Run ``passes`` in order; return the final model and one report dict per pass."""
-    reports: list[dict] = []
+def run_passes(
+    model: ir.Model, passes: Sequence[ir.passes.PassBase], *, graph: str = ""
+) -> tuple[ir.Model, list[PassReport]]:
+    """Run ``passes`` in order; return the final model and one :class:`PassReport` per pass."""
+    reports: list[PassReport] = []
     done: list[str] = []
     for p in passes:
         name = type(p).__name__
@@ -43,9 +46,7 @@ def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase], *, graph: 
             raise PassError(f"{graph + ': ' if graph else ''}pass {name} failed ({type(e).__name__}: {e}); passes run before it: {before}") from e
         model = result.model
         stats = dict(getattr(result, "stats", {}) or {})
-        reports.append(
-            {"pass": name, "modified": bool(result.modified), "stats": stats, "seconds": round(time.perf_counter() - t0, 3)}
-        )
+        reports.append(PassReport(name, bool(result.modified), stats, round(time.perf_counter() - t0, 3)))
         if result.modified:
             logger.info("%s%s changed the model: %s", f"{graph}: " if graph else "", name, stats)
         done.append(name)

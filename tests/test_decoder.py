@@ -27,7 +27,7 @@ def _build(ck, path, **kw):
 def fp32_decoder(tiny_checkpoint, tmp_path_factory):
     path = tmp_path_factory.mktemp("dec") / "decoder.onnx"
     spec, reports = _build(tiny_checkpoint, path, precision="fp32", logits="all")
-    assert reports[0]["stats"] == {"levels": 3, "adds_inserted": 3, "layers": 4}
+    assert reports[0].stats == {"levels": 3, "adds_inserted": 3, "layers": 4}
     return path, spec
 
 

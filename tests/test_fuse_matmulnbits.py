@@ -27,7 +27,7 @@ def test_int4_decoder_fused_gives_identical_logits(tiny_checkpoint, tmp_path):
     model, _ = build_decoder_model(tiny_checkpoint, precision="int4", context_length=128)
     model, reports = run_passes(model, [FuseSiblingMatMulNBitsPass()])
     # Per layer: q/k/v into one, gate/up into one.
-    assert reports[0]["modified"] and reports[0]["stats"] == {"fused_groups": 2 * spec.layers, "matmuls_replaced": 5 * spec.layers}
+    assert reports[0].modified and reports[0].stats == {"fused_groups": 2 * spec.layers, "matmuls_replaced": 5 * spec.layers}
     ops = [n.op_type for n in model.graph if n.name.startswith("/model/layers.0/")]
     assert ops.count("MatMulNBits") == 4 and ops.count("Split") == 2  # qkv, o, gate_up, down
     save_streaming(model, tmp_path / "after.onnx")
@@ -41,7 +41,7 @@ def test_int4_decoder_fused_gives_identical_logits(tiny_checkpoint, tmp_path):
         assert np.array_equal(a, b)
     # Running it again finds nothing left to fuse.
     model, reports = run_passes(model, [FuseSiblingMatMulNBitsPass()])
-    assert not reports[0]["modified"]
+    assert not reports[0].modified
 
 
 def test_fused_bytes_equal_quantizing_the_concatenation():
@@ -59,7 +59,7 @@ def test_leaves_unfusable_graphs_alone(tiny_checkpoint):
     # fp32: plain MatMul nodes, nothing to fuse.
     model, _ = build_decoder_model(tiny_checkpoint, precision="fp32", context_length=64)
     model, reports = run_passes(model, [FuseSiblingMatMulNBitsPass()])
-    assert not reports[0]["modified"] and reports[0]["stats"]["fused_groups"] == 0
+    assert not reports[0].modified and reports[0].stats["fused_groups"] == 0
     # Siblings that disagree on block size are not fused.
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 64]))
     nodes, inits = [], []
@@ -75,4 +75,4 @@ def test_leaves_unfusable_graphs_alone(tiny_checkpoint):
     graph = ir.Graph([x], [n.outputs[0] for n in nodes], nodes=nodes, initializers=inits,
                      opset_imports={"": 18, "com.microsoft": 1}, name="siblings")
     model, reports = run_passes(ir.Model(graph, ir_version=10), [FuseSiblingMatMulNBitsPass()])
-    assert not reports[0]["modified"]
+    assert not reports[0].modified

@@ -78,13 +78,13 @@ def test_pack_outputs_pass_matches_numpy_and_runs_once():
     model = _model(PRODUCER)
     before = _run(model, {"x": x})
     model, reports = run_passes(model, [PackDeepStackOutputsPass("features", "deepstack", "features")])
-    assert reports[0]["modified"] and reports[0]["stats"]["packed_channels"] == H * (1 + K)
+    assert reports[0].modified and reports[0].stats["packed_channels"] == H * (1 + K)
     assert [v.name for v in model.graph.outputs] == ["features"]
     after = _run(model, {"x": x})
     np.testing.assert_array_equal(after["features"], pack(before["features"], before["deepstack"]))
     # Already packed: nothing to do.
     model, reports = run_passes(model, [PackDeepStackOutputsPass("features", "deepstack", "features")])
-    assert not reports[0]["modified"]
+    assert not reports[0].modified
 
 
 def test_pack_outputs_pass_refuses_what_does_not_match():
@@ -101,13 +101,13 @@ def test_unpack_inputs_pass_keeps_outputs():
     model = _model(CONSUMER)
     before = _run(model, {"features": feats, "deepstack": deep})["y"]
     model, reports = run_passes(model, [UnpackDeepStackInputsPass("features", "deepstack", "wide")])
-    assert reports[0]["modified"] and reports[0]["stats"]["uses_rewired"] == 3
+    assert reports[0].modified and reports[0].stats["uses_rewired"] == 3
     assert [v.name for v in model.graph.inputs] == ["wide"]
     assert list(model.graph.inputs[0].shape) == [1, M, H * (1 + K)]
     after = _run(model, {"wide": pack(feats, deep)})["y"]
     np.testing.assert_array_equal(after, before)
     model, reports = run_passes(model, [UnpackDeepStackInputsPass("features", "deepstack", "wide")])
-    assert not reports[0]["modified"]
+    assert not reports[0].modified
 
 
 def test_unpack_inputs_pass_refuses_what_does_not_match():

@@ -41,7 +41,7 @@ def test_inserts_input_and_one_add_per_level(tiny_checkpoint):
     model, spec = _decoder(tiny_checkpoint)
     assert "deepstack_embeds" not in [v.name for v in model.graph.inputs]
     model, reports = run_passes(model, [InsertDeepStackPass(3, spec.hidden)])
-    assert reports[0]["modified"] and reports[0]["stats"] == {"levels": 3, "adds_inserted": 3, "layers": 4}
+    assert reports[0].modified and reports[0].stats == {"levels": 3, "adds_inserted": 3, "layers": 4}
     deep = next(v for v in model.graph.inputs if v.name == "deepstack_embeds")
     assert [d if isinstance(d, int) else str(d) for d in deep.shape] == [3, "batch_size", "sequence_length", 128]
     adds = [n for n in model.graph if n.name.startswith("/model/deepstack/") and n.op_type == "Add"]
@@ -54,7 +54,7 @@ def test_inserts_input_and_one_add_per_level(tiny_checkpoint):
     assert levels == [0, 1, 2]
     # Running it again changes nothing.
     model, reports = run_passes(model, [InsertDeepStackPass(3)])
-    assert not reports[0]["modified"] and reports[0]["stats"]["adds_inserted"] == 0
+    assert not reports[0].modified and reports[0].stats["adds_inserted"] == 0
 
 
 def test_outputs_unchanged_with_zero_deepstack_and_causal_otherwise(tiny_checkpoint, tmp_path):
@@ -123,7 +123,7 @@ def _skeleton(dtype: ir.DataType, layers: int = 2) -> ir.Model:
 
 def test_fp16_residual_gets_a_cast_and_last_layer_uses_final_norm():
     model, reports = run_passes(_skeleton(ir.DataType.FLOAT16), [InsertDeepStackPass(2)])
-    assert reports[0]["stats"] == {"levels": 2, "adds_inserted": 2, "layers": 2}
+    assert reports[0].stats == {"levels": 2, "adds_inserted": 2, "layers": 2}
     casts = [n for n in model.graph if n.op_type == "Cast"]
     assert [c.attributes["to"].value for c in casts] == [ir.DataType.FLOAT16] * 2
     deep = model.graph.inputs[-1]
@@ -156,7 +156,7 @@ def test_decoder_from_onnxruntime_genai_builder(tiny_checkpoint, tmp_path):
         pytest.skip(f"onnxruntime-genai builder failed on this install: {proc.stderr[-300:]}")
     model = ir.load(out / "model.onnx")
     model, reports = run_passes(model, [InsertDeepStackPass(3)])
-    assert reports[0]["stats"] == {"levels": 3, "adds_inserted": 3, "layers": 4}
+    assert reports[0].stats == {"levels": 3, "adds_inserted": 3, "layers": 4}
     adds = [n for n in model.graph if n.name.startswith("/model/deepstack/") and n.op_type == "Add"]
     consumers = [next(iter(a.outputs[0].uses())).node.name for a in adds]
     assert consumers == [f"/model/layers.{k + 1}/input_layernorm/SkipLayerNorm" for k in range(3)]

@@ -62,7 +62,7 @@ def test_unify_concat_mismatch_rejected_before_accepted_after():
     with pytest.raises(Exception, match="bound to different types|Type parameter"):
         _session(model)
     model, reports = run_passes(model, [UnifyIndexTypesPass()])
-    assert reports[0]["modified"] and reports[0]["stats"]["casts_inserted"] == 1
+    assert reports[0].modified and reports[0].stats["casts_inserted"] == 1
     out = _session(model).run(["shape_out"], {"cu": np.array([0, 196], np.int32), "x": np.zeros((4, 3), np.float32)})
     np.testing.assert_array_equal(out[0], np.array([0, 196, 4], np.int64))
 
@@ -72,7 +72,7 @@ def test_unify_slice_and_reshape():
     with pytest.raises(Exception):
         _session(model)
     model, reports = run_passes(model, [UnifyIndexTypesPass()])
-    assert reports[0]["stats"]["casts_inserted"] == 2  # Slice start, Reshape shape
+    assert reports[0].stats["casts_inserted"] == 2  # Slice start, Reshape shape
     x = np.arange(12, dtype=np.float32)
     feeds = {"x": x, "start": np.array([2], np.int32), "end": np.array([8], np.int64), "shape": np.array([2, 3], np.int32)}
     np.testing.assert_array_equal(_session(model).run(None, feeds)[0], x[2:8].reshape(2, 3))
@@ -81,7 +81,7 @@ def test_unify_slice_and_reshape():
 def test_unify_keeps_graph_output_type():
     model = _model(OUTPUT_STAYS_INT32)
     model, reports = run_passes(model, [UnifyIndexTypesPass()])
-    assert reports[0]["stats"]["outputs_recast"] == 1
+    assert reports[0].stats["outputs_recast"] == 1
     assert model.graph.outputs[0].dtype == ir.DataType.INT32 and model.graph.outputs[0].name == "c"
     out = _session(model).run(None, {"a": np.array([1, 2], np.int32), "b": np.array([3], np.int64)})[0]
     assert out.dtype == np.int32 and out.tolist() == [1, 2, 3]
@@ -91,7 +91,7 @@ def test_unify_leaves_consistent_graph_alone():
     model = _model(NO_MISMATCH)
     n = len(list(model.graph))
     model, reports = run_passes(model, [UnifyIndexTypesPass()])
-    assert not reports[0]["modified"] and len(list(model.graph)) == n
+    assert not reports[0].modified and len(list(model.graph)) == n
 
 
 FOLDABLE = """
@@ -117,8 +117,8 @@ def test_cleanup_folds_and_removes_dead_nodes():
     x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
     before = _session(model).run(None, {"x": x})[0]
     model, reports = run_passes(model, [CleanupPass()])
-    stats = reports[0]["stats"]
-    assert reports[0]["modified"] and stats["nodes_before"] == 4 and stats["nodes_after"] == 1
+    stats = reports[0].stats
+    assert reports[0].modified and stats["nodes_before"] == 4 and stats["nodes_after"] == 1
     assert [n.op_type for n in model.graph] == ["Add"]
     np.testing.assert_array_equal(_session(model).run(None, {"x": x})[0], before)
 
@@ -126,12 +126,12 @@ def test_cleanup_folds_and_removes_dead_nodes():
 def test_cleanup_leaves_minimal_graph_alone():
     model = _model(NOTHING_TO_CLEAN)
     model, reports = run_passes(model, [CleanupPass()])
-    assert not reports[0]["modified"] and reports[0]["stats"]["nodes_after"] == 1
+    assert not reports[0].modified and reports[0].stats["nodes_after"] == 1
 
 
 def test_check_model_accepts_valid_graph():
     model, reports = run_passes(_model(NO_MISMATCH), [CheckModelPass()])
-    assert not reports[0]["modified"] and reports[0]["stats"]["outputs_with_full_shape"] == 1
+    assert not reports[0].modified and reports[0].stats["outputs_with_full_shape"] == 1
 
 
 def test_check_model_rejects_invalid_graph_with_typed_error():
@@ -155,7 +155,7 @@ def test_fuse_attention_on_exported_vision_graph(vision_graphs):
     assert sum(n.op_type == "MultiHeadAttention" for n in fused.graph) == 6
     # The non-matching case: nothing left to fuse, so the pass reports no change.
     _, reports = run_passes(fused, [FuseAttentionPass()])
-    assert not reports[0]["modified"] and reports[0]["stats"]["sdpa_matched"] == 0
+    assert not reports[0].modified and reports[0].stats["sdpa_matched"] == 0
 
 
 def test_fuse_attention_matches_unfused(tiny_visual, tmp_path):
@@ -171,7 +171,7 @@ def test_fuse_attention_matches_unfused(tiny_visual, tmp_path):
     before = _session(plain).run(None, {"pixel_values": x})
     assert not any(n.op_type == "MultiHeadAttention" for n in plain.graph)
     fused, reports = run_passes(plain, [FuseAttentionPass()])
-    assert reports[0]["modified"] and reports[0]["stats"]["multi_head_attention"] == 6
+    assert reports[0].modified and reports[0].stats["multi_head_attention"] == 6
     after = _session(fused).run(None, {"pixel_values": x})
     for a, b in zip(before, after):
         assert np.abs(a - b).max() / np.abs(a).max() < 1e-5

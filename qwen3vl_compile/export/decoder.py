@@ -157,7 +157,7 @@ def build_decoder(
         "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(spec).items()},
         "inputs": interface["inputs"],
         "outputs": interface["outputs"],
-        "passes": reports,
+        "passes": [r.to_json() for r in reports],
         "sizes": {**sizes, "total": sum(sizes.values())},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "rss_before_bytes": rss.start,

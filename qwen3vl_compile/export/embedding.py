@@ -214,6 +214,7 @@ def build_embedding(ck: Checkpoint, out_dir: Path, *, precision: str = "auto", b
                     "seconds": round(time.perf_counter() - t, 3)}]
         return _report(path, data_files, precision, stored, levels, ck, reports)
     model, reports = run_passes(model, (CheckModelPass(),), graph="embedding")
+    reports = [r.to_json() for r in reports]
     if model.graph.initializers["embed_tokens.weight"].const_value.nbytes > EXTERNAL_DATA_THRESHOLD:
         ir.save(model, path, external_data="embedding.onnx.data")
         data_files.append("embedding.onnx.data")

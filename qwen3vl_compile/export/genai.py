@@ -5,7 +5,7 @@ onnxruntime-genai's ``qwen3_vl`` runtime runs three sessions and passes one tens
 each: vision (``pixel_values``, ``image_grid_thw`` -> ``image_features``), embedding
 (``input_ids``, ``image_features`` -> ``inputs_embeds``), decoder (``inputs_embeds``,
 ``attention_mask``, ``position_ids [3, B, S]``, KV cache). It knows nothing of DeepStack.
-The levels ride along in extra channels (REFERENCE section 6): ``genai_config.json``
+The levels ride along in extra channels of the tensors it does pass: ``genai_config.json``
 declares ``decoder.hidden_size = H * (1 + K)``, and three thin graphs wrap the verified ones:
 
 =====================  =======================  =========================================
@@ -37,8 +37,8 @@ from .decoder import graph_interface
 
 GENAI_CONFIG = "genai_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
-# onnxruntime-genai's model type for Qwen3-VL (its builder writes "qwen3vl", which its
-# runtime rejects: REFERENCE section 6).
+# onnxruntime-genai's model type for Qwen3-VL (its own model builder writes "qwen3vl",
+# which its runtime rejects).
 GENAI_MODEL_TYPE = "qwen3_vl"
 
 
@@ -88,6 +88,7 @@ def build_genai_graphs(staging: Path, manifest: dict) -> dict[str, dict]:
         model = ir.load(staging / src["file"])  # external weights stay references
         model.graph.name = name
         model, reports = run_passes(model, _passes(kind), graph=name)
+        reports = [r.to_json() for r in reports]
         path = staging / f"{name}.onnx"
         ir.save(model, path)
         t = time.perf_counter()
