@@ -97,7 +97,7 @@ def main() -> int:
     # over all of them instead of biasing one.
     systems = {"eager": eager}
     if not args.no_plain:
-        s_plain = session(plain_dir / rep["file"])
+        s_plain = session(plain_dir / rep.file)
         systems["plain"] = lambda: s_plain.run(None, {"pixel_values": x})
     s_ours = session(out / f"{graph}.onnx")
     systems["ours"] = lambda: s_ours.run(None, {"pixel_values": x})

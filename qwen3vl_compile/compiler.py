@@ -118,12 +118,12 @@ def _vision(ck: Checkpoint, cfg: CompileConfig, staging: Path, manifest: dict, p
     for bucket in static:
         name = graph_name(bucket)
         with progress.stage(f"export {name} (grid {bucket.grid_thw[1]}x{bucket.grid_thw[2]})"):
-            report = export_vision_bucket(visual, bucket, staging)
-        manifest["graphs"][name] = report
-        manifest["buckets"].append({**bucket.to_json(), "graph": report["file"]})
+            entry = export_vision_bucket(visual, bucket, staging)
+        manifest["graphs"][name] = entry.to_json()
+        manifest["buckets"].append({**bucket.to_json(), "graph": entry.file})
         if cfg.verify:
             with progress.stage(f"verify {name}"):
-                parity = verify_vision_bucket(staging / report["file"], visual, bucket, threads=cfg.threads)
+                parity = verify_vision_bucket(staging / entry.file, visual, bucket, threads=cfg.threads)
             _record_parity(manifest, staging, name, parity)
             failures += parity.failures()
     if dynamic is not None:
@@ -156,13 +156,13 @@ def _vision_dynamic(visual, cfg: CompileConfig, staging: Path, manifest: dict, p
     failures = []
     for per_image in (True, False) if cfg.target == "ort-genai" else (True,):
         with progress.stage(f"export the any-size vision graph ({'one image' if per_image else 'several images'} per call)"):
-            report = export_vision_dynamic(visual, staging, per_image=per_image)
-        name = report["file"].removesuffix(".onnx")
-        manifest["graphs"][name] = report
+            entry = export_vision_dynamic(visual, staging, per_image=per_image)
+        name = entry.name
+        manifest["graphs"][name] = entry.to_json()
         if not cfg.verify:
             continue
         with progress.stage(f"verify {name}"):
-            parity = verify_vision_dynamic(staging / report["file"], visual, threads=cfg.threads)
+            parity = verify_vision_dynamic(staging / entry.file, visual, threads=cfg.threads)
         _record_parity(manifest, staging, name, parity)
         failures += parity.failures()
     return failures

@@ -28,7 +28,8 @@ def tiny_visual(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def vision_graphs(tmp_path_factory, tiny_visual):
-    """Exported vision graphs of the tiny model, keyed by bucket name (built lazily)."""
+    """Exported vision graphs of the tiny model, keyed by bucket name (built lazily):
+    ``get(name)`` returns ``(onnx path, bucket, GraphEntry)``."""
     from qwen3vl_compile.buckets import parse_bucket
     from qwen3vl_compile.export.vision import export_vision_bucket
 
@@ -38,8 +39,8 @@ def vision_graphs(tmp_path_factory, tiny_visual):
     def get(name: str):
         if name not in cache:
             bucket = parse_bucket(name)
-            report = export_vision_bucket(tiny_visual, bucket, root)
-            cache[name] = (root / report["file"], bucket, report)
+            entry = export_vision_bucket(tiny_visual, bucket, root)
+            cache[name] = (root / entry.file, bucket, entry)
         return cache[name]
 
     return get

@@ -165,8 +165,9 @@ def test_fuse_attention_matches_unfused(tiny_visual, tmp_path):
     from qwen3vl_compile.passes.fuse_attention import FuseAttentionPass
 
     bucket = parse_bucket("128x256")
-    rep = export_vision_bucket(tiny_visual, bucket, tmp_path, passes=(CleanupPass(),))
-    plain = ir.load(tmp_path / rep["file"])
+    entry = export_vision_bucket(tiny_visual, bucket, tmp_path, passes=(CleanupPass(),))
+    assert [p.name for p in entry.passes] == ["CleanupPass"]
+    plain = ir.load(tmp_path / entry.file)
     x = random_pixel_values(bucket, seed=5)
     before = _session(plain).run(None, {"pixel_values": x})
     assert not any(n.op_type == "MultiHeadAttention" for n in plain.graph)

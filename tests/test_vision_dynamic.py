@@ -138,8 +138,8 @@ def test_planted_bug_fails_parity(tmp_path, tiny_visual, monkeypatch):
         return type(c)(row=c.col, col=c.row, height=c.width, width=c.height, frame_start=c.frame_start)
 
     monkeypatch.setattr(forward_patch, "patch_coordinates", transposed)
-    report = vd.export_vision_dynamic(tiny_visual, tmp_path)
-    parity = vd.verify_vision_dynamic(tmp_path / report["file"], tiny_visual, threads=2)
+    entry = vd.export_vision_dynamic(tiny_visual, tmp_path)
+    parity = vd.verify_vision_dynamic(tmp_path / entry.file, tiny_visual, threads=2)
     assert not parity.passed
     failed_cases = {f.split("[")[1].split("]")[0] for f in parity.failures()}
     assert {"grid 8x12", "grid 20x14", "grid 16x36", "3 images 8x12+20x14+6x6"} <= failed_cases
@@ -174,6 +174,10 @@ def test_cli_refuses_duplicate_dynamic(tmp_path, capsys):
 @pytest.mark.parametrize("name,per_call,grid_dim", [("vision_dynamic", 1, 1), ("vision_dynamic_multi", "any", "num_images")])
 def test_manifest_entry(manifest, name, per_call, grid_dim):
     g = manifest["graphs"][name]
+    assert set(g) == {"file", "data_files", "kind", "precision", "dynamic", "images_per_call", "inputs", "outputs",
+                      "export", "patches", "passes"}
+    assert set(g["export"]) == {"exporter", "example_grids", "seconds"}
+    assert g["export"]["exporter"].startswith("torch.onnx.export(dynamo=True, dynamic_shapes) torch ")
     assert g["kind"] == "vision" and g["dynamic"] is True and g["precision"] == "fp32"
     assert g["images_per_call"] == per_call
     assert [i["name"] for i in g["inputs"]] == ["pixel_values", "image_grid_thw"]

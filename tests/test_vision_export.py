@@ -13,20 +13,43 @@ from qwen3vl_compile.export.vision import verify_vision_bucket
 
 @pytest.mark.parametrize("bucket", ["224", "448", "128x256"])
 def test_parity_per_bucket_all_outputs(vision_graphs, tiny_visual, bucket):
-    path, b, report = vision_graphs(bucket)
+    path, b, entry = vision_graphs(bucket)
     parity = verify_vision_bucket(path, tiny_visual, b)
     names = {o.name for outs in parity.cases.values() for o in outs}
     assert names == {"image_features", "deepstack_0", "deepstack_1", "deepstack_2"}
     assert parity.passed, parity.failures()
     worst = max(o.max_rel for outs in parity.cases.values() for o in outs)
     assert worst < 1e-5  # measured ~1.5e-6; the gate itself is 1e-4
-    assert [p["pass"] for p in report["passes"]] == [
+    assert [p.name for p in entry.passes] == [
         "UnifyIndexTypesPass",
         "CleanupPass",
         "FuseAttentionPass",
         "CheckModelPass",
     ]
-    assert report["passes"][2]["stats"]["multi_head_attention"] == 6  # one per vision block
+    assert entry.passes[2].stats["multi_head_attention"] == 6  # one per vision block
+
+
+def test_graph_entry_json_is_the_manifest_entry(vision_graphs, tiny_visual):
+    """The bucket graph's GraphEntry writes the manifest entry's keys and values."""
+    from qwen3vl_compile.bundle.records import GraphEntry
+    from qwen3vl_compile.patches import vision_patches
+
+    _, b, entry = vision_graphs("224")
+    j = entry.to_json()
+    assert set(j) == {"file", "data_files", "kind", "precision", "bucket", "inputs", "outputs", "export", "patches", "passes"}
+    assert (j["file"], j["data_files"], j["kind"], j["precision"]) == ("vision_224.onnx", [], "vision", "fp32")
+    assert entry.name == "vision_224" and j["bucket"] == b.to_json()
+    assert j["inputs"] == [{"name": "pixel_values", "dtype": "float32", "shape": [b.num_patches, b.patch_dim]}]
+    hidden = tiny_visual.config.out_hidden_size
+    assert j["outputs"] == [
+        {"name": "image_features", "dtype": "float32", "shape": [b.num_tokens, hidden]},
+        {"name": "deepstack_features", "dtype": "float32", "shape": [3, b.num_tokens, hidden]},
+    ]
+    assert set(j["export"]) == {"exporter", "seconds"}
+    assert j["export"]["exporter"].startswith("torch.onnx.export(dynamo=True) torch ")
+    assert j["patches"] == [p.name for p in vision_patches(tiny_visual, [b.grid_thw])]
+    assert all(set(p) == {"pass", "modified", "stats", "seconds"} for p in j["passes"])
+    assert GraphEntry.from_json(json.loads(json.dumps(j))).to_json() == j
 
 
 def test_wrong_grid_is_caught(vision_graphs, tiny_visual):
