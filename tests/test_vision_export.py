@@ -61,6 +61,45 @@ def test_wrong_grid_is_caught(vision_graphs, tiny_visual):
     assert {"image_features", "deepstack_0", "deepstack_1", "deepstack_2"} <= failed
 
 
+@pytest.mark.parametrize("graph", ["vision_224", "vision_dynamic"])
+def test_failed_export_is_one_line_naming_its_log(tiny_visual, tmp_path, monkeypatch, graph):
+    """The exporter's multi-line output stays out of the error: it goes to a log file that
+    the one-line error names; the patches are undone."""
+    import torch
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as upstream
+
+    from qwen3vl_compile.buckets import parse_bucket
+    from qwen3vl_compile.errors import ExportError
+    from qwen3vl_compile.export.vision import export_vision_bucket
+    from qwen3vl_compile.export.vision_common import export_log_path
+    from qwen3vl_compile.export.vision_dynamic import export_vision_dynamic
+
+    def broken(*args, **kwargs):
+        print("exporter progress line")
+        raise RuntimeError("the exporter gave up\nsecond line of detail\nthird line")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    log = export_log_path(graph)
+    log.unlink(missing_ok=True)
+    attention = upstream.Qwen3VLVisionAttention.__dict__["forward"]
+    with pytest.raises(ExportError) as e:
+        if graph == "vision_dynamic":
+            export_vision_dynamic(tiny_visual, tmp_path)
+        else:
+            export_vision_bucket(tiny_visual, parse_bucket("224"), tmp_path)
+    message = str(e.value)
+    try:
+        assert "\n" not in message
+        assert message.startswith(f"[export] {graph}: torch.onnx.export failed: RuntimeError: the exporter gave up ...")
+        assert message.endswith(f"(exporter log: {log})") and log.name == f"qwen3vl-compile-export-{graph}-{os.getpid()}.log"
+        text = log.read_text()
+        assert "exporter progress line" in text and "third line" in text and "Traceback" in text
+    finally:
+        log.unlink(missing_ok=True)
+    assert upstream.Qwen3VLVisionAttention.__dict__["forward"] is attention
+    assert list(tmp_path.iterdir()) == []
+
+
 def _compile(out, *extra):
     return main(["--model", "tiny", "--buckets", "224,128x256", "-o", str(out), "--graphs", "vision", "-q", *extra])
 

@@ -3,7 +3,9 @@ one verify loop.
 
 - :func:`export_graph`: torch.onnx (dynamo) under a patch set, the vision pass list, the
   save (weights as external data above ``EXTERNAL_DATA_THRESHOLD``); returns the graph's
-  :class:`~qwen3vl_compile.bundle.records.GraphEntry`.
+  :class:`~qwen3vl_compile.bundle.records.GraphEntry`. A failed export raises a one-line
+  :class:`~qwen3vl_compile.errors.ExportError` naming the file (``export_log_path``) that
+  holds the exporter's whole log and the traceback.
 - :func:`reference_outputs`: the *unpatched* Hugging Face tower, fp32, the oracle of every
   vision graph.
 - :func:`measure_cases`: run a graph and the reference on each case, measure every output,
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Sequence
 
@@ -49,9 +54,24 @@ def quiet_exporter(log: io.StringIO):
         logger.setLevel(level)
 
 
+def export_log_path(name: str) -> Path:
+    """Where a failed export of graph ``name`` leaves the exporter's log."""
+    return Path(tempfile.gettempdir()) / f"qwen3vl-compile-export-{name}-{os.getpid()}.log"
+
+
 def _export_failed(name: str, error: Exception, log: str) -> ExportError:
-    tail = "\n".join(log.strip().splitlines()[-5:])
-    return ExportError(f"{name}: torch.onnx.export failed: {type(error).__name__}: {error}\n{tail}")
+    """Errors are one line: the exception's first line, and the file that holds the
+    exporter's whole log and the traceback."""
+    path = export_log_path(name)
+    trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        path.write_text(f"torch.onnx.export of {name} failed\n\n-- exporter log --\n{log}\n-- traceback --\n{trace}")
+        where = f"exporter log: {path}"
+    except OSError as e:
+        where = f"exporter log not written to {path}: {e.strerror}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = (lines[0] if lines else "(no message)") + (" ..." if len(lines) > 1 else "")
+    return ExportError(f"{name}: torch.onnx.export failed: {type(error).__name__}: {first} ({where})")
 
 
 def feature_outputs(levels: int, tokens, out_hidden: int) -> list[TensorInfo]:
@@ -105,7 +125,7 @@ def export_graph(
                 optimize=True,
                 verbose=False,
             )
-    except Exception as e:  # noqa: BLE001 - typed, with the exporter's log tail
+    except Exception as e:  # noqa: BLE001 - re-raised typed, in one line; the log goes to a file
         raise _export_failed(name, e, log.getvalue()) from e
     seconds = time.perf_counter() - t0
     model = program.model
