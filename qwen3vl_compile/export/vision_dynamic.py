@@ -158,14 +158,14 @@ def verify_vision_dynamic(
     patch_dim = visual.patch_embed.proj.weight[0].numel()
     packings = [*([g] for g in grids), *([list(multi_image)] if multi_image else [])]
     cases = [
-        (case_name(p), {"pixel_u8": random_pixel_u8(p, patch_dim, seed), "image_grid_thw": np.array(p, dtype=np.int64)}, p)
+        (case_name(p), {"pixel_u8": random_pixel_u8(p, patch_dim, seed), "image_grid_thw": np.array(p, np.int64)}, p)
         for p in packings
     ]
     measured, golden = measure_cases(
         lambda x, inputs: run_dynamic(session, x, inputs["image_grid_thw"], per_image),
         visual,
         cases,
-        golden=cases[0][0] if per_image else cases[-1][0],
+        golden=(cases[0] if per_image else cases[-1])[0] if cases else "",
     )
     how = "one call per image" if per_image else "one call per case"
     return GraphParity(
