@@ -1,6 +1,7 @@
 """Reversible PyTorch patches of the Hugging Face Qwen3-VL vision code, applied only while
 exporting (one file per upstream target; each file's docstring says why export fails
-without it).
+without it). A target patched differently for the bucket and the any-size graphs has one
+patch, parametrised (``vision_attention.make_patch(mask=...)``).
 
     with vision_export_patches(visual, grids=[(1, 28, 28)]) as applied:
         torch.onnx.export(...)
@@ -42,9 +43,12 @@ def vision_dynamic_patches(per_image: bool = False) -> list[Patch]:
     Runtime then runs it without materialising patches x patches scores); otherwise a
     block-diagonal mask separates the images of one call. The rotary embedding is
     upstream's own (it takes the position ids as a tensor)."""
-    from . import vision_attention_dynamic, vision_forward_dynamic
+    from . import vision_attention, vision_forward_dynamic
 
-    return [vision_forward_dynamic.make_patch(per_image=per_image), vision_attention_dynamic.make_patch(per_image=per_image)]
+    return [
+        vision_forward_dynamic.make_patch(per_image=per_image),
+        vision_attention.make_patch(mask="none" if per_image else "given"),
+    ]
 
 
 @contextlib.contextmanager

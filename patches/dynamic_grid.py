@@ -17,7 +17,8 @@ counts (``[N, num_images]`` comparisons, then a sum), so every shape is ``N``,
 
 ``frame_start`` (the index of the first patch of the patch's frame) is unique per
 attention segment (one per image and frame), so two patches attend to each other exactly
-when their ``frame_start`` agree.
+when their ``frame_start`` agree (the segment ids of
+``vision_attention.block_diagonal_mask``).
 """
 
 from __future__ import annotations
@@ -67,13 +68,3 @@ def patch_coordinates(grid_thw: torch.Tensor, num_patches, merge: int) -> PatchC
         width=width,
         frame_start=index - within,
     )
-
-
-def block_diagonal_mask_from_segments(segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask ``[1, 1, N, N]``: 0 where two patches share a segment id, else the
-    dtype's minimum (``exp`` of it underflows to exactly 0 after the softmax's max shift,
-    so the result equals attention run per segment)."""
-    same = segment[:, None] == segment[None, :]
-    zero = torch.zeros((), dtype=dtype, device=segment.device)
-    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=segment.device)
-    return torch.where(same, zero, low)[None, None]

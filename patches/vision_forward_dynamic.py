@@ -12,9 +12,9 @@ tensors per patch with fixed-rank ops whose length is the row count (see
 are Hugging Face's, and hand them to the unchanged upstream forward through its
 precomputed-kwargs hooks (``interp_indices``, ``interp_weights``, ``position_ids``,
 ``cu_seqlens``). The ``cu_seqlens`` slot carries the additive block-diagonal attention mask
-``[1, 1, N, N]`` built once per call; only the dynamic attention patch reads it. In the
-per-image variant (one image per call, one attention segment) no mask is built: the slot
-carries an empty tensor and the attention patch runs unmasked.
+``[1, 1, N, N]`` built once per call; only the attention patch (``mask="given"``) reads it.
+In the per-image variant (one image per call, one attention segment) no mask is built: the
+slot carries an empty tensor and the attention patch (``mask="none"``) runs unmasked.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 from qwen3vl_compile.errors import PatchError
 
 from .base import Patch
-from .dynamic_grid import PatchCoordinates, block_diagonal_mask_from_segments, patch_coordinates
+from .dynamic_grid import PatchCoordinates, patch_coordinates
+from .vision_attention import block_diagonal_mask
 
 TARGET = Qwen3VLVisionModel
 VERSIONS = "transformers>=5.20,<5.40 (vision_utils._interpolation_axis_taps_weights)"
@@ -57,7 +58,7 @@ def grid_kwargs(visual, num_patches, grid_thw: torch.Tensor, per_image: bool = F
         "interp_indices": indices,
         "interp_weights": weights,
         "position_ids": torch.stack([coords.row, coords.col], dim=-1),
-        "cu_seqlens": torch.zeros(0, dtype=dtype) if per_image else block_diagonal_mask_from_segments(coords.frame_start, dtype),
+        "cu_seqlens": torch.zeros(0, dtype=dtype) if per_image else block_diagonal_mask(coords.frame_start, dtype),
     }
 
 

@@ -28,7 +28,8 @@ def tiny_visual(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def vision_graphs(tmp_path_factory, tiny_visual):
-    """Exported vision graphs of the tiny model, keyed by bucket name (built lazily)."""
+    """Exported vision graphs of the tiny model, keyed by bucket name (built lazily):
+    ``get(name)`` returns ``(onnx path, bucket, GraphEntry)``."""
     from qwen3vl_compile.buckets import parse_bucket
     from qwen3vl_compile.export.vision import export_vision_bucket
 
@@ -38,8 +39,8 @@ def vision_graphs(tmp_path_factory, tiny_visual):
     def get(name: str):
         if name not in cache:
             bucket = parse_bucket(name)
-            report = export_vision_bucket(tiny_visual, bucket, root)
-            cache[name] = (root / report.file, bucket, report)
+            entry = export_vision_bucket(tiny_visual, bucket, root)
+            cache[name] = (root / entry.file, bucket, entry)
         return cache[name]
 
     return get
@@ -49,17 +50,6 @@ def vision_graphs(tmp_path_factory, tiny_visual):
 def hf_generate(tiny_checkpoint, tiny_path):
     """``make_hf_generate`` on the tiny model."""
     return make_hf_generate(tiny_path)
-
-
-@pytest.fixture(scope="session")
-def text_bundle(tmp_path_factory):
-    """A text-only fp32 bundle of the tiny model (no vision graphs: seconds to build), for
-    tests of the bundle and runtime that need no image. Tests that change it work on a copy."""
-    from qwen3vl_compile.cli import main as compile_main
-
-    out = tmp_path_factory.mktemp("text") / "bundle"
-    assert compile_main(["--model", "tiny", "--graphs", "embedding,decoder", "--precision", "fp32", "-o", str(out), "-q"]) == 0
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -102,3 +102,30 @@ def test_a_patch_refuses_an_upstream_version_it_was_not_written_for(tiny_visual)
         with apply_patches([patch]):
             pass
     assert type(tiny_visual).__dict__["forward"] is before
+
+
+@pytest.mark.parametrize("grids", [[(1, 16, 16), (1, 12, 20)], [(2, 8, 8)], [(1, 8, 12), (3, 4, 6), (1, 6, 6)]])
+def test_one_block_diagonal_mask_for_bucket_and_any_size_graphs(tiny_visual, grids):
+    """The bucket attention (segments from cu_seqlens) and the any-size forward (segments
+    from each patch's frame start) build the same mask with the same builder."""
+    from transformers import vision_utils
+
+    from qwen3vl_compile.patches import vision_forward_dynamic
+    from qwen3vl_compile.patches.vision_attention import block_diagonal_mask, segments_from_cu_seqlens
+
+    g = torch.tensor(grids)
+    n = int(g.prod(-1).sum())
+    cu = vision_utils.get_vision_cu_seqlens(g)
+    bucket = block_diagonal_mask(segments_from_cu_seqlens(cu, n), torch.float32)
+    dynamic = vision_forward_dynamic.grid_kwargs(tiny_visual, n, g)["cu_seqlens"]
+    assert bucket.shape == (1, 1, n, n) and torch.equal(bucket, dynamic)
+    assert (bucket == 0).sum() == sum(t * (h * w) ** 2 for t, h, w in grids)
+
+
+def test_attention_patch_mask_sources():
+    from qwen3vl_compile.patches import vision_attention, vision_dynamic_patches
+
+    assert {vision_attention.make_patch(m).name for m in vision_attention.MASK_SOURCES} == {"Qwen3VLVisionAttention.forward"}
+    assert [p.name for p in vision_dynamic_patches(per_image=True)] == [p.name for p in vision_dynamic_patches()]
+    with pytest.raises(PatchError, match="mask source 'segments' is not one of cu_seqlens, given, none"):
+        vision_attention.make_patch("segments")

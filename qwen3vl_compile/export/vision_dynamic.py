@@ -23,17 +23,18 @@ the *unpatched* tower on grids that were not the export's example grids.
 
 from __future__ import annotations
 
-import io
-import time
 from pathlib import Path
 
 import numpy as np
 
-from ..bundle.records import GraphEntry
+from ..bundle.goldens import pixel_values_from_u8
+from ..bundle.records import GraphEntry, TensorInfo
 from ..errors import ExportError
-from ..parity import TOLERANCES, GraphParity, measure
+from ..parity import GraphParity
 from ..runtime.vision import run_dynamic
-from .vision import EXTERNAL_DATA_THRESHOLD, OUTPUT_NAMES, pixel_values_from_u8, quiet_exporter, split_outputs
+from . import vision_common
+from ..runtime.session import ort_session
+from .vision_common import OUTPUT_NAMES, export_graph, feature_outputs, measure_cases, reference_outputs
 
 GRAPH_NAME = "vision_dynamic"
 MULTI_GRAPH_NAME = "vision_dynamic_multi"
@@ -48,11 +49,16 @@ EXPORT_GRIDS = ((1, 12, 10), (1, 4, 8))
 # Parity grids (t, h, w) in patches, none of them seen at export; h and w are even.
 PARITY_GRIDS = ((1, 8, 12), (1, 20, 14), (1, 16, 36), (1, 30, 30), (1, 6, 6))
 MULTI_IMAGE = ((1, 8, 12), (1, 20, 14), (1, 6, 6))
+# Other modules and tests read these from here.
+__all__ = [
+    "GRAPH_NAME", "MULTI_GRAPH_NAME", "INPUT_NAMES", "OUTPUT_NAMES", "DYNAMIC_AXES", "PER_IMAGE_AXES", "EXPORT_GRIDS",
+    "PARITY_GRIDS", "MULTI_IMAGE", "random_pixel_u8", "export_vision_dynamic", "reference_outputs", "case_name",
+    "verify_vision_dynamic",
+]
 
 
 def random_pixel_u8(grids, patch_dim: int, seed: int) -> np.ndarray:
-    n = sum(t * h * w for t, h, w in grids)
-    return np.random.default_rng(seed).integers(0, 256, size=(n, patch_dim), dtype=np.uint8)
+    return vision_common.random_pixel_u8(sum(t * h * w for t, h, w in grids), patch_dim, seed)
 
 
 def _dynamic_module(visual):
@@ -85,14 +91,11 @@ def _dynamic_shapes(per_image: bool):
             for name in INPUT_NAMES}
 
 
-def export_vision_dynamic(visual, out_dir: Path, *, per_image: bool = True, passes=None) -> dict:
+def export_vision_dynamic(visual, out_dir: Path, *, per_image: bool = True, passes=None) -> GraphEntry:
     """Export, run the vision passes, save ``vision_dynamic.onnx`` (one image per call) or,
-    with ``per_image=False``, ``vision_dynamic_multi.onnx``; return a report dict."""
-    import onnx_ir as ir
+    with ``per_image=False``, ``vision_dynamic_multi.onnx``; return its graph entry."""
     import torch
 
-    from qwen3vl_compile.passes import vision_passes
-    from qwen3vl_compile.passes.base import run_passes
     from qwen3vl_compile.patches import vision_dynamic_export_patches
 
     name = GRAPH_NAME if per_image else MULTI_GRAPH_NAME
@@ -102,64 +105,24 @@ def export_vision_dynamic(visual, out_dir: Path, *, per_image: bool = True, pass
         torch.from_numpy(pixel_values_from_u8(random_pixel_u8(grids, patch_dim, seed=0))),
         torch.tensor(grids, dtype=torch.int64),
     )
-    log = io.StringIO()
-    t0 = time.perf_counter()
-    try:
-        with quiet_exporter(log), vision_dynamic_export_patches(per_image) as patch_names:
-            program = torch.onnx.export(
-                _dynamic_module(visual),
-                example,
-                dynamo=True,
-                input_names=INPUT_NAMES,
-                output_names=OUTPUT_NAMES,
-                dynamic_shapes=_dynamic_shapes(per_image),
-                optimize=True,
-                verbose=False,
-            )
-    except Exception as e:  # noqa: BLE001 - typed, with the exporter's log tail
-        tail = "\n".join(log.getvalue().strip().splitlines()[-5:])
-        raise ExportError(f"{name}: torch.onnx.export failed: {type(e).__name__}: {e}\n{tail}") from e
-    export_seconds = time.perf_counter() - t0
-    model = program.model
-    model.graph.name = name
-    _check_interface(model, name, per_image)
-    model, reports = run_passes(model, vision_passes() if passes is None else passes, graph=name)
-    path = out_dir / f"{name}.onnx"
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    data_files = []
-    if size > EXTERNAL_DATA_THRESHOLD:
-        ir.save(model, path, external_data=f"{name}.onnx.data")
-        data_files.append(f"{name}.onnx.data")
-    else:
-        ir.save(model, path)
-    out_hidden = visual.config.out_hidden_size
-    return GraphEntry.from_json({
-        "file": path.name,
-        "data_files": data_files,
-        "kind": "vision",
-        "precision": "fp32",
-        "dynamic": True,
-        "images_per_call": 1 if per_image else "any",
-        "inputs": [
-            {"name": "pixel_values", "dtype": "float32", "shape": ["num_patches", patch_dim]},
-            {"name": "image_grid_thw", "dtype": "int64", "shape": [1 if per_image else "num_images", 3]},
+    return export_graph(
+        _dynamic_module(visual),
+        example,
+        name=name,
+        out_dir=out_dir,
+        patches=vision_dynamic_export_patches(per_image),
+        input_names=INPUT_NAMES,
+        inputs=[
+            TensorInfo("pixel_values", "float32", ("num_patches", patch_dim)),
+            TensorInfo("image_grid_thw", "int64", (1 if per_image else "num_images", 3)),
         ],
-        "outputs": [
-            {"name": "image_features", "dtype": "float32", "shape": ["num_patches/4", out_hidden]},
-            {
-                "name": "deepstack_features",
-                "dtype": "float32",
-                "shape": [len(visual.deepstack_visual_indexes), "num_patches/4", out_hidden],
-            },
-        ],
-        "export": {
-            "exporter": f"torch.onnx.export(dynamo=True, dynamic_shapes) torch {torch.__version__}",
-            "example_grids": [list(g) for g in grids],
-            "seconds": round(export_seconds, 2),
-        },
-        "patches": patch_names,
-        "passes": [r.to_json() for r in reports],
-    })
+        outputs=feature_outputs(len(visual.deepstack_visual_indexes), "num_patches/4", visual.config.out_hidden_size),
+        details={"dynamic": True, "images_per_call": 1 if per_image else "any"},
+        dynamic_shapes=_dynamic_shapes(per_image),
+        export_facts={"example_grids": [list(g) for g in grids]},
+        check=lambda model: _check_interface(model, name, per_image),
+        passes=passes,
+    )
 
 
 def _check_interface(model, name: str = GRAPH_NAME, per_image: bool = True) -> None:
@@ -171,15 +134,6 @@ def _check_interface(model, name: str = GRAPH_NAME, per_image: bool = True) -> N
             if getattr(dim, "value", None) == label:  # an onnx_ir SymbolicDim with our name
                 continue
             raise ExportError(f"{name}: input {value.name!r} axis {axis} is {dim!r}, expected the dynamic {label!r}")
-
-
-def reference_outputs(visual, pixel_values: np.ndarray, grids) -> dict[str, np.ndarray]:
-    """The unpatched Hugging Face vision tower, fp32, on all ``grids`` in one call."""
-    import torch
-
-    with torch.no_grad():
-        out = visual(torch.from_numpy(pixel_values), grid_thw=torch.tensor([list(g) for g in grids], dtype=torch.int64))
-    return split_outputs(out.pooler_output.numpy(), torch.stack(list(out.deepstack_features)).numpy())
 
 
 def case_name(grids) -> str:
@@ -200,38 +154,26 @@ def verify_vision_dynamic(
     ``multi_image`` (Hugging Face: all images in one call; ours: one call, or with the
     per-image graph one call per image, concatenated); measure every output. The bundle's
     golden is the multi-image case (per-image graph: the first grid)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path, threads)
     per_image = session.get_inputs()[1].shape[0] == 1
-    tol = TOLERANCES[("vision", "fp32")]
     patch_dim = visual.patch_embed.proj.weight[0].numel()
-    cases, golden = {}, {}
-    for case in [*([g] for g in grids), *([list(multi_image)] if multi_image else [])]:
-        u8 = random_pixel_u8(case, patch_dim, seed)
-        x = pixel_values_from_u8(u8)
-        thw = np.array(case, dtype=np.int64)
-        feats, deep = run_dynamic(session, x, thw, per_image)
-        actual = split_outputs(feats, deep)
-        ref = reference_outputs(visual, x, case)
-        cases[case_name(case)] = [measure(k, actual.get(k), ref[k], tol) for k in ref]
-        if not per_image or not golden:  # multi: the last (multi-image) case; per image: the first grid
-            golden = {
-                "pixel_u8": u8,
-                "image_grid_thw": thw,
-                "image_features": ref["image_features"],
-                "deepstack_features": np.stack([ref[k] for k in sorted(ref) if k.startswith("deepstack_")]),
-            }
+    packings = [*([g] for g in grids), *([list(multi_image)] if multi_image else [])]
+    cases = [
+        (case_name(p), {"pixel_u8": random_pixel_u8(p, patch_dim, seed), "image_grid_thw": np.array(p, np.int64)}, p)
+        for p in packings
+    ]
+    measured, golden = measure_cases(
+        lambda x, inputs: run_dynamic(session, x, inputs["image_grid_thw"], per_image),
+        visual,
+        cases,
+        golden=(cases[0] if per_image else cases[-1])[0] if cases else "",
+    )
     how = "one call per image" if per_image else "one call per case"
     return GraphParity(
         graph=GRAPH_NAME if per_image else MULTI_GRAPH_NAME,
         kind="vision",
         precision="fp32",
         reference=f"unpatched transformers Qwen3VLVisionModel, fp32, grids not seen at export ({how})",
-        cases=cases,
+        cases=measured,
         golden=golden,
     )
-
