@@ -53,6 +53,17 @@ def hf_generate(tiny_checkpoint, tiny_path):
 
 
 @pytest.fixture(scope="session")
+def text_bundle(tmp_path_factory):
+    """A text-only fp32 bundle of the tiny model (no vision graphs: seconds to build), for
+    tests of the bundle and runtime that need no image. Tests that change it work on a copy."""
+    from qwen3vl_compile.cli import main as compile_main
+
+    out = tmp_path_factory.mktemp("text") / "bundle"
+    assert compile_main(["--model", "tiny", "--graphs", "embedding,decoder", "--precision", "fp32", "-o", str(out), "-q"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def genai_bundle(tmp_path_factory):
     """The tiny model at fp32 with a 448 bucket, compiled for onnxruntime-genai too: the CLI
     adds the any-size vision graph that --target ort-genai needs."""

@@ -158,6 +158,7 @@ def test_fuse_attention_on_exported_vision_graph(vision_graphs):
     assert not reports[0].modified and reports[0].stats["sdpa_matched"] == 0
 
 
+@pytest.mark.slow  # an export of its own (128x256, without the fusion)
 def test_fuse_attention_matches_unfused(tiny_visual, tmp_path):
     from qwen3vl_compile.buckets import parse_bucket
     from qwen3vl_compile.export.vision import export_vision_bucket, random_pixel_values
