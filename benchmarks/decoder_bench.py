@@ -102,7 +102,7 @@ print(json.dumps({"prefill_s": prefill, "decode_tok_s": (new - 1) / decode, "pea
 def quantization_error(source: str, blocks=(32, 64, 128)) -> dict[int, float]:
     """Relative RMS error of INT4-dequantized weights (layer 0 mlp.gate_proj) per block size:
     the accuracy side of the block-size lever, independent of random-weight logits."""
-    from qwen3vl_compile.checkpoint import Checkpoint
+    from qwen3vl_compile.model.checkpoint import Checkpoint
     from qwen3vl_compile.export.quantize import dequantize_int4, quantize_int4
 
     ck = Checkpoint.open(source)

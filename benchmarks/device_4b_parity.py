@@ -39,9 +39,9 @@ def main() -> int:
 
     import torch
 
-    from qwen3vl_compile.checkpoint import Checkpoint, resolve_model_source
+    from qwen3vl_compile.model.checkpoint import Checkpoint, resolve_model_source
     from qwen3vl_compile.export.decoder import build_decoder
-    from qwen3vl_compile.export.decoder_verify import DecoderOptions, verify_decoder
+    from qwen3vl_compile.export.decoder_gate import DecoderOptions, verify_decoder
 
     out = {"torch": torch.__version__, "cpu_count": os.cpu_count()}
     t = time.perf_counter()

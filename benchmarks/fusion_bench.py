@@ -44,7 +44,7 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     plain = args.decoder
     if args.model:
-        from qwen3vl_compile.checkpoint import Checkpoint, resolve_model_source
+        from qwen3vl_compile.model.checkpoint import Checkpoint, resolve_model_source
         from qwen3vl_compile.export.decoder import build_decoder
 
         plain = args.work / "decoder.onnx"

@@ -62,7 +62,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    from qwen3vl_compile.checkpoint import Checkpoint, resolve_model_source
+    from qwen3vl_compile.model.checkpoint import Checkpoint, resolve_model_source
     from qwen3vl_compile.export.decoder import build_decoder
 
     systems, builds = {}, {}

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, save, table  # noqa: E402
 
-from qwen3vl_compile.checkpoint import Checkpoint  # noqa: E402
+from qwen3vl_compile.model.checkpoint import Checkpoint  # noqa: E402
 from qwen3vl_compile.export.moe import moe_mlp  # noqa: E402
 from qwen3vl_compile.export.text_decoder import _Builder, _Weights  # noqa: E402
 

@@ -66,8 +66,8 @@ def greedy(bundle: Path, model: str, image: str | None, which: str) -> list[int]
         from qwen3vl_compile import Pipeline
 
         return Pipeline.load(bundle).generate(images=images, prompt=prompt, max_new_tokens=NEW_TOKENS).token_ids
-    from qwen3vl_compile.checkpoint import resolve_model_source
-    from qwen3vl_compile.hf_reference import make_hf_generate
+    from qwen3vl_compile.model.checkpoint import resolve_model_source
+    from qwen3vl_compile.model.hf_reference import make_hf_generate
 
     return make_hf_generate(resolve_model_source(model))(images, prompt, NEW_TOKENS)
 
@@ -83,12 +83,12 @@ def run_shape(shape: str, work: Path) -> dict:
     model = f"{shape}:{n}"
     row: dict = {"shape": shape, "model": model, "layers": n}
     log(f"{model}: materialising")
-    from qwen3vl_compile.checkpoint import resolve_model_source
+    from qwen3vl_compile.model.checkpoint import resolve_model_source
 
     path = resolve_model_source(model)
     row["checkpoint_gib"] = round(sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**30, 2)
-    from qwen3vl_compile.checkpoint import Checkpoint
-    from qwen3vl_compile.export.decoder_verify import text_weight_bytes
+    from qwen3vl_compile.model.checkpoint import Checkpoint
+    from qwen3vl_compile.export.decoder_gate import text_weight_bytes
 
     fp32_bytes = text_weight_bytes(Checkpoint.open(path), n)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -125,7 +125,7 @@ def _decoder_rows(row: dict, shape: str, model: str, work: Path, precisions) -> 
 
 
 def run_full(shape: str, work: Path) -> dict:
-    from qwen3vl_compile.checkpoint import resolve_model_source
+    from qwen3vl_compile.model.checkpoint import resolve_model_source
 
     log(f"{shape}: materialising the whole model")
     path = resolve_model_source(shape)
@@ -202,7 +202,7 @@ def main() -> int:
 
     def done_with(model: str) -> None:
         if args.delete_presets:
-            from qwen3vl_compile.checkpoint import resolve_model_source
+            from qwen3vl_compile.model.checkpoint import resolve_model_source
 
             shutil.rmtree(resolve_model_source(model))
 

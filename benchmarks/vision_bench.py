@@ -42,7 +42,7 @@ def main() -> int:
     import torch
 
     from qwen3vl_compile.buckets import parse_bucket
-    from qwen3vl_compile.checkpoint import Checkpoint, resolve_model_source
+    from qwen3vl_compile.model.checkpoint import Checkpoint, resolve_model_source
     from qwen3vl_compile.export.vision import export_vision_bucket, random_pixel_values
     from qwen3vl_compile.passes.check_model import CheckModelPass
     from qwen3vl_compile.passes.cleanup import CleanupPass

@@ -49,7 +49,7 @@ def compute(bucket_name: str, visual) -> dict[str, np.ndarray]:
 def write(root: Path) -> None:
     import importlib.metadata as md
 
-    from qwen3vl_compile.checkpoint import Checkpoint, resolve_model_source
+    from qwen3vl_compile.model.checkpoint import Checkpoint, resolve_model_source
     from qwen3vl_compile.presets.materialize import TINY_SEED
 
     visual = Checkpoint.open(resolve_model_source("tiny")).load_vision_tower()

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Iterator, Sequence
 
 from qwen3vl_compile.errors import PatchError
+from qwen3vl_compile.upstream import TESTED
 
 _MISSING = object()
 
@@ -26,7 +27,7 @@ class Patch:
     reason: str
     # The upstream versions the patch was written and tested for (a pip requirement, then
     # optional words in parentheses); applying it to another version is refused.
-    versions: str = "transformers>=5.20,<5.40"
+    versions: str = "transformers" + TESTED["transformers"]
 
     @property
     def name(self) -> str:

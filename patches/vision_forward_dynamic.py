@@ -25,13 +25,14 @@ from transformers.models.qwen3_vl import modeling_qwen3_vl as upstream
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
 from qwen3vl_compile.errors import PatchError
+from qwen3vl_compile.upstream import TESTED
 
 from .base import Patch
 from .dynamic_grid import PatchCoordinates, patch_coordinates
 from .vision_attention import block_diagonal_mask
 
 TARGET = Qwen3VLVisionModel
-VERSIONS = "transformers>=5.20,<5.40 (vision_utils._interpolation_axis_taps_weights)"
+VERSIONS = f"transformers{TESTED['transformers']} (vision_utils._interpolation_axis_taps_weights)"
 
 
 def interpolation_taps(coords: PatchCoordinates, side: int, mode: str, align_corners: bool):

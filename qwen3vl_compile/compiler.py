@@ -22,14 +22,14 @@ import shutil
 from pathlib import Path
 
 from .bundle.writer import STAGING_MARKER, BundleWriter
-from .checkpoint import Checkpoint, resolve_model_source
+from .model.checkpoint import Checkpoint, resolve_model_source
 from .config import CompileConfig
 from .errors import LoadError, UsageError, VerifyError, WriteError
 from .bundle.manifest import assemble, hash_files, write_manifest
 from .bundle.records import GoldenRef, GraphEntry, ParityRecord, StageResult
 from .presets import is_preset
 from .progress import Progress
-from .support import check_build_options
+from .model.support import check_build_options
 from .upstream import check_upstream
 
 ASSET_FILES = (
@@ -203,11 +203,11 @@ def _decoder(ck: Checkpoint, cfg: CompileConfig, staging: Path, progress: Progre
 
 def _gate_decoder(ck: Checkpoint, cfg: CompileConfig, staging: Path, entry: GraphEntry, out: StageResult,
                   progress: Progress) -> None:
-    """The decoder's parity gate (see export/decoder_verify.py): the shipped graph itself when
+    """The decoder's parity gate (see export/decoder_gate.py): the shipped graph itself when
     the fp32 reference of the whole depth fits, else a slice of its first N layers built by
     the same builder with the same options, and the shipped graph's own output as golden."""
     from .export.decoder import build_decoder
-    from .export.decoder_verify import gate_layers, self_golden, verify_decoder
+    from .export.decoder_gate import gate_layers, self_golden, verify_decoder
 
     total, n = ck.text_config["num_hidden_layers"], gate_layers(ck)
     shipped = staging / entry.file
@@ -311,7 +311,7 @@ def _write_fallback_weights(ck: Checkpoint, staging: Path) -> dict:
     checkpoint is gone."""
     from safetensors.torch import save_file
 
-    from .checkpoint import VISION_PREFIXES
+    from .model.checkpoint import VISION_PREFIXES
 
     tensors = {k: v.contiguous() for k, v in ck.tensors_with_prefix(VISION_PREFIXES)}
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()})

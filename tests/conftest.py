@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from qwen3vl_compile.hf_reference import make_hf_generate
+from qwen3vl_compile.model.hf_reference import make_hf_generate
 
 
 @pytest.fixture(scope="session")
 def tiny_path():
-    from qwen3vl_compile.checkpoint import resolve_model_source
+    from qwen3vl_compile.model.checkpoint import resolve_model_source
 
     return resolve_model_source("tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_path):
-    from qwen3vl_compile.checkpoint import Checkpoint
+    from qwen3vl_compile.model.checkpoint import Checkpoint
 
     return Checkpoint.open(tiny_path)
 

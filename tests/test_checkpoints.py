@@ -15,7 +15,7 @@ from qwen3vl_compile.cli import main as compile_main
 from qwen3vl_compile.presets import preset_config
 from qwen3vl_compile.presets.materialize import GENERATION_CONFIG, build_random_model, write_checkpoint
 
-from qwen3vl_compile.hf_reference import make_hf_generate
+from qwen3vl_compile.model.hf_reference import make_hf_generate
 from planted import swap_mrope_streams
 
 NEW_TOKENS = 24
@@ -49,11 +49,11 @@ def test_checkpoint_looks_downloaded(untied_bf16):
 @pytest.fixture(scope="module")
 def truncated_gate_bundle(untied_bf16, tmp_path_factory):
     """fp32 bundle whose decoder gate runs on a slice: the full-depth budget is set to 0."""
-    from qwen3vl_compile.export import decoder_verify
+    from qwen3vl_compile.export import decoder_gate
 
     out = tmp_path_factory.mktemp("b") / "bundle"
     mp = pytest.MonkeyPatch()
-    mp.setattr(decoder_verify, "FULL_DEPTH_BUDGET", 0)
+    mp.setattr(decoder_gate, "FULL_DEPTH_BUDGET", 0)
     try:
         rc = compile_main(["--model", str(untied_bf16), "--buckets", "448", "--precision", "fp32", "-o", str(out), "-q"])
     finally:
@@ -111,10 +111,10 @@ def _swap_mrope(monkeypatch):
 @pytest.mark.parametrize("plant", [_drop_deepstack, _swap_mrope], ids=["deepstack_dropped", "mrope_swapped"])
 @pytest.mark.parametrize("budget", ["full_depth", "slice"])
 def test_planted_decoder_bug_fails_the_default_compile(untied_bf16, tmp_path, monkeypatch, capsys, plant, budget):
-    from qwen3vl_compile.export import decoder_verify
+    from qwen3vl_compile.export import decoder_gate
 
     if budget == "slice":
-        monkeypatch.setattr(decoder_verify, "FULL_DEPTH_BUDGET", 0)
+        monkeypatch.setattr(decoder_gate, "FULL_DEPTH_BUDGET", 0)
     plant(monkeypatch)
     out = tmp_path / "bundle"
     rc = compile_main(["--model", str(untied_bf16), "--graphs", "decoder", "-o", str(out), "-q"])  # default: int4

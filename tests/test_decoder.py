@@ -25,7 +25,7 @@ import torch
 
 from qwen3vl_compile.errors import RuntimeInputError, UsageError
 from qwen3vl_compile.export.decoder import build_decoder
-from qwen3vl_compile.export.decoder_verify import verify_decoder
+from qwen3vl_compile.export.decoder_gate import verify_decoder
 from qwen3vl_compile.export.text_decoder import build_decoder_model, save_streaming
 from qwen3vl_compile.passes import decoder_passes
 from qwen3vl_compile.passes.base import run_passes

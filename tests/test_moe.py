@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from qwen3vl_compile import Pipeline
-from qwen3vl_compile.checkpoint import Checkpoint, resolve_model_source
+from qwen3vl_compile.model.checkpoint import Checkpoint, resolve_model_source
 from qwen3vl_compile.cli import main as compile_main
 
-from qwen3vl_compile.hf_reference import make_hf_generate
+from qwen3vl_compile.model.hf_reference import make_hf_generate
 
 NEW_TOKENS = 24
 
@@ -113,7 +113,7 @@ def test_moe_decoder_without_deepstack_fails_the_compile(tmp_path, monkeypatch, 
 def test_layer_streaming_reference_equals_the_whole_model(model, precision):
     """For slices whose fp32 weights exceed memory (235B-A22B) the reference runs one layer
     at a time; it gives exactly the whole-model reference's logits, plain and rounded."""
-    from qwen3vl_compile.export import decoder_verify as dv
+    from qwen3vl_compile.export import decoder_gate as dv
 
     ck = Checkpoint.open(resolve_model_source(model))
     options = dv.DecoderOptions(precision)

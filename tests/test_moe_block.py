@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qwen3vl_compile.checkpoint import Checkpoint
+from qwen3vl_compile.model.checkpoint import Checkpoint
 from qwen3vl_compile.export.moe import is_moe_layer, moe_kwargs, moe_mlp
 from qwen3vl_compile.export.quantize import dequantize_int4, quantize_int4
 from qwen3vl_compile.export.text_decoder import _Builder, _Weights

@@ -33,8 +33,8 @@ def test_config_classes_keep_every_value(name):
 
 @pytest.mark.parametrize("name", list(OFFICIAL))
 def test_published_sizes(name):
-    from qwen3vl_compile.checkpoint import Checkpoint
-    from qwen3vl_compile.export.decoder_verify import text_weight_bytes
+    from qwen3vl_compile.model.checkpoint import Checkpoint
+    from qwen3vl_compile.export.decoder_gate import text_weight_bytes
 
     billions, moe = EXPECTED[name]
     ck = Checkpoint(path=None, config=preset_config(name), preprocessor={})

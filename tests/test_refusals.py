@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from qwen3vl_compile.checkpoint import resolve_model_source
+from qwen3vl_compile.model.checkpoint import resolve_model_source
 from qwen3vl_compile.cli import main
 
 

@@ -10,9 +10,9 @@ import os
 import pytest
 
 from qwen3vl_compile import Pipeline
-from qwen3vl_compile.checkpoint import resolve_model_source
+from qwen3vl_compile.model.checkpoint import resolve_model_source
 from qwen3vl_compile.cli import main as compile_main
-from qwen3vl_compile.hf_reference import make_hf_generate
+from qwen3vl_compile.model.hf_reference import make_hf_generate
 
 THINKING_TEMPLATE = (
     "{%- for message in messages %}"

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from ..checkpoint import Checkpoint
+from ..model.checkpoint import Checkpoint
 from ..errors import ExportError, Qwen3VLCompileError
 from ..bundle.manifest import interface_name
 from ..bundle.records import GraphEntry, PassReport, TensorInfo

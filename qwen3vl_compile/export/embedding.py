@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from ..checkpoint import Checkpoint
+from ..model.checkpoint import Checkpoint
 from ..bundle.records import GraphEntry, TensorInfo
 from ..errors import UsageError
 from ..options import DecoderOptions

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from ..checkpoint import Checkpoint
+from ..model.checkpoint import Checkpoint
 from ..errors import ExportError, UsageError
 from ..options import DecoderOptions
 from .moe import is_moe_layer, moe_kwargs, moe_mlp

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 
-from ..tokens import QWEN_VOCAB_SIZE, SPECIAL_TOKENS
+from ..model.tokens import QWEN_VOCAB_SIZE, SPECIAL_TOKENS
 
 _TOKEN_IDS = {
     "image_token_id": SPECIAL_TOKENS["<|image_pad|>"],

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..tokens import SPECIAL_TOKENS
+from ..model.tokens import SPECIAL_TOKENS
 from .configs import SMALL, preset_config
 
 GENERATOR_VERSION = 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from ..tokens import FIRST_SPECIAL_ID, SPECIAL_TOKENS
+from ..model.tokens import FIRST_SPECIAL_ID, SPECIAL_TOKENS
 
 # Qwen2's pre-tokenizer split (contractions, letters, single digits, punctuation, newlines, spaces).
 QWEN_SPLIT_PATTERN = (

@@ -20,7 +20,7 @@ class FallbackVision:
             import torch
             from safetensors.torch import load_file
 
-            from ..vision_tower import build_vision_tower
+            from ..model.vision_tower import build_vision_tower
         except ImportError as e:
             raise BundleError(
                 f"this image size has no bucket and the PyTorch fallback needs torch and transformers ({e}); "

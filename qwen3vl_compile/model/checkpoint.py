@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import LoadError
-from .presets import PRESETS, is_preset, materialize_preset
+from ..errors import LoadError
+from ..presets import PRESETS, is_preset, materialize_preset
 from .tokens import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 # Dense and MoE Qwen3-VL: architecture -> model_type.

@@ -5,7 +5,7 @@ and its value (exit 2): never a bundle that silently computes something else.
 
 from __future__ import annotations
 
-from .errors import LoadError
+from ..errors import LoadError
 
 
 class UnsupportedError(LoadError):
@@ -28,7 +28,7 @@ def _positive_int(section: dict, name: str, field: str) -> int:
 
 def check_config(config: dict) -> None:
     """Refuse config values outside what the vision, embedding and decoder graphs compute."""
-    from .export.moe import is_moe_layer, num_experts
+    from ..export.moe import is_moe_layer, num_experts
 
     text, vision = config["text_config"], config["vision_config"]
     for field in _TEXT_REQUIRED:
@@ -82,7 +82,7 @@ def text_weight_shapes(ck) -> dict[str, tuple[tuple[int, ...], ...]]:
     """Every text tensor the decoder and embedding graphs read: checkpoint suffix (under the
     text prefix; lm_head as its full key) -> the accepted shapes."""
     from .checkpoint import TEXT_PREFIXES
-    from .export.moe import is_moe_layer, num_experts
+    from ..export.moe import is_moe_layer, num_experts
 
     t = ck.text_config
     H, V = t["hidden_size"], t["vocab_size"]
@@ -138,8 +138,8 @@ def _check_shape(ck, key: str, shapes) -> None:
 def check_build_options(config: dict, precision: str, block_size: int) -> None:
     """Options that a particular checkpoint cannot take: QMoE quantizes experts in blocks
     that must divide both the hidden size and the expert size."""
-    from .errors import UsageError
-    from .export.moe import num_experts
+    from ..errors import UsageError
+    from ..export.moe import num_experts
 
     text = config["text_config"]
     if precision == "int4" and num_experts(text):

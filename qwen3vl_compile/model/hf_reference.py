@@ -15,7 +15,7 @@ def make_hf_generate(path, model=None):
     from PIL import Image
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
-    from qwen3vl_compile.checkpoint import Checkpoint
+    from qwen3vl_compile.model.checkpoint import Checkpoint
 
     path = Path(path)
     ck = Checkpoint.open(path)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import Checkpoint
+from ..model.checkpoint import Checkpoint
 from ..options import DecoderOptions
 from ..parity import TOLERANCES, GraphParity, measure
 from .text_decoder import TEXT_PREFIXES, DecoderSpec

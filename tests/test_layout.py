@@ -1,0 +1,43 @@
+"""The house rules that keep the tree navigable, checked: the torch-free side (runtime,
+bundle, parity, options) imports nothing from the compile side; one pass per file."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TORCH_FREE_MODULES = (
+    "qwen3vl_compile.runtime.cli",
+    "qwen3vl_compile.runtime.pipeline",
+    "qwen3vl_compile.bundle.cli",
+    "qwen3vl_compile.bundle.check",
+    "qwen3vl_compile.bundle.goldens",
+    "qwen3vl_compile.bundle.records",
+    "qwen3vl_compile.bundle.writer",
+    "qwen3vl_compile.parity",
+    "qwen3vl_compile.options",
+)
+
+
+def test_torch_free_side_imports_no_compile_code():
+    probe = (
+        "import importlib, sys\n"
+        f"for m in {TORCH_FREE_MODULES!r}: importlib.import_module(m)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'onnx', 'onnx_ir', "
+        "'onnxscript', 'safetensors') or m.startswith(('qwen3vl_compile.export', 'qwen3vl_compile.model', "
+        "'qwen3vl_compile.patches', 'qwen3vl_compile.passes', 'qwen3vl_compile.compiler')))\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out
+
+
+def test_one_pass_per_file():
+    for path in sorted((ROOT / "passes").glob("*.py")):
+        if path.name in ("__init__.py", "base.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        passes = [n.name for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith("Pass")]
+        assert len(passes) == 1, f"{path.name}: {passes}"
