@@ -73,9 +73,10 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
             "architecture": (ck.config.get("architectures") or ["?"])[0],
             "config_sha256": ck.config_sha256,
         }
+        generation = ck.generation_config
     _set_threads(cfg.threads)
     try:
-        return _build(ck, cfg, source, writer, progress)
+        return _build(ck, cfg, source, generation, writer, progress)
     except OSError as e:
         # A full disk or a vanished directory while writing: one line; the writer has already
         # removed its staging directory.
@@ -83,7 +84,8 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
         raise WriteError(f"writing the bundle failed: {e.strerror or e}{where}; nothing was left at {writer.out}") from None
 
 
-def _build(ck: Checkpoint, cfg: CompileConfig, source: dict, writer: BundleWriter, progress: Progress) -> dict:
+def _build(ck: Checkpoint, cfg: CompileConfig, source: dict, generation: dict, writer: BundleWriter,
+           progress: Progress) -> dict:
     with writer as staging:
         result = StageResult()
         if "vision" in cfg.graphs:
@@ -106,7 +108,7 @@ def _build(ck: Checkpoint, cfg: CompileConfig, source: dict, writer: BundleWrite
                 if src.is_file():
                     shutil.copy2(src, staging / name)
             manifest = assemble(command=list(cfg.command), source=source, options=cfg.options_json(),
-                                processor=ck.preprocessor, generation=ck.generation_config, result=result,
+                                processor=ck.preprocessor, generation=generation, result=result,
                                 timings=progress.timings, peak_rss_bytes=peak_rss_bytes())
             hash_files(staging, manifest, exclude=(STAGING_MARKER,))
             write_manifest(staging, manifest)

@@ -105,3 +105,21 @@ def test_moe_block_size_must_divide_the_expert_size(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--block-size 128 does not divide text_config.moe_intermediate_size 64" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("config.json", "[1, 2]", "config.json: not a JSON object"),
+    ("config.json", "{not json", "config.json: unreadable"),
+    ("preprocessor_config.json", "{not json", "preprocessor_config.json: unreadable"),
+    ("preprocessor_config.json", '"a string"', "preprocessor_config.json: not a JSON object"),
+    ("generation_config.json", "[]", "generation_config.json: not a JSON object"),
+])
+def test_broken_json_files_are_refused_in_one_line(name, content, needle, tmp_path, capsys):
+    d = _copy(resolve_model_source("tiny"), tmp_path / "ckpt")
+    (d / name).unlink()
+    (d / name).write_text(content)
+    out = tmp_path / "out"
+    assert main(["--model", str(d), "--graphs", "embedding", "-o", str(out), "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "[load]" in err and needle in err, err
+    assert not out.exists()

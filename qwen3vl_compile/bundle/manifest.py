@@ -120,18 +120,25 @@ def write_manifest(root: Path, manifest: dict) -> Path:
     return path
 
 
+def read_json_object(path: Path, error: type[Exception] = BundleError, what: str = "") -> dict:
+    """A JSON file that must hold an object (a config, a manifest): its dict, or ``error``
+    in one line for an unreadable file, bad JSON or another JSON type."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: unreadable ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: not a JSON object{what}")
+    return value
+
+
 def load_manifest(root: Path) -> dict:
     path = Path(root) / MANIFEST
     if not Path(root).is_dir():
         raise BundleError(f"{root}: not a directory")
     if not path.is_file():
         raise BundleError(f"{path}: missing (not a qwen3vl-compile bundle?)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: unreadable ({e})") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{path}: not a JSON object (not a qwen3vl-compile manifest)")
+    manifest = read_json_object(path, BundleError, " (not a qwen3vl-compile manifest)")
     if manifest.get("schema") != SCHEMA:
         raise BundleError(f"{path}: schema {manifest.get('schema')!r} is not {SCHEMA!r}")
     version = manifest.get("schema_version")

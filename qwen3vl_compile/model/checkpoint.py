@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..bundle.manifest import read_json_object
 from ..errors import LoadError
 from ..presets import PRESETS, is_preset, materialize_preset
 from .tokens import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
@@ -66,10 +67,7 @@ class Checkpoint:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise LoadError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-        try:
-            config = json.loads(cfg_file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise LoadError(f"{cfg_file}: cannot read ({e})") from None
+        config = read_json_object(cfg_file, LoadError)
         archs = config.get("architectures") or []
         mtype = config.get("model_type")
         if not set(archs) & set(ARCHITECTURES) and mtype not in ARCHITECTURES.values():
@@ -101,7 +99,7 @@ class Checkpoint:
         pre_file = path / "preprocessor_config.json"
         if not pre_file.is_file():
             raise LoadError(f"{path}: no preprocessor_config.json (the image processor settings are needed)")
-        preprocessor = json.loads(pre_file.read_text())
+        preprocessor = read_json_object(pre_file, LoadError)
         ck = cls(path=path, config=config, preprocessor=preprocessor)
         ck._check_weights_present()
         from .support import check_text_weights
@@ -113,15 +111,7 @@ class Checkpoint:
     def generation_config(self) -> dict:
         """generation_config.json (sampling defaults, eos ids), or {} when there is none."""
         f = self.path / "generation_config.json"
-        if not f.is_file():
-            return {}
-        try:
-            value = json.loads(f.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise LoadError(f"{f}: unreadable ({e})") from None
-        if not isinstance(value, dict):
-            raise LoadError(f"{f}: not a JSON object")
-        return value
+        return read_json_object(f, LoadError) if f.is_file() else {}
 
     def tokenizer(self):
         """The checkpoint's ``tokenizers`` tokenizer (tokenizer.json), loaded once."""
