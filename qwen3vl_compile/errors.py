@@ -14,8 +14,11 @@ class Qwen3VLCompileError(Exception):
         if stage is not None:
             self.stage = stage
 
-    def __str__(self) -> str:  # one line, prefixed with the stage
-        return f"[{self.stage}] {self.args[0]}"
+    def __str__(self) -> str:
+        """One line, prefixed with the stage: a multi-line message from upstream (a checker's
+        report, an exporter's exception) is folded, its lines joined with " | "."""
+        lines = [line.strip() for line in str(self.args[0]).splitlines() if line.strip()]
+        return f"[{self.stage}] {' | '.join(lines)}"
 
 
 class UsageError(Qwen3VLCompileError):

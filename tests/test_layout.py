@@ -41,3 +41,11 @@ def test_one_pass_per_file():
         tree = ast.parse(path.read_text())
         passes = [n.name for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith("Pass")]
         assert len(passes) == 1, f"{path.name}: {passes}"
+
+
+def test_every_error_is_one_line():
+    from qwen3vl_compile.errors import PassError, VerifyError
+
+    e = PassError("decoder: pass CheckModelPass failed (ValidationError: Field 'shape' of 'type'\n\n  ==> Context: Bad node\n)")
+    assert str(e) == "[passes] decoder: pass CheckModelPass failed (ValidationError: Field 'shape' of 'type' | ==> Context: Bad node | )"
+    assert "\n" not in str(VerifyError("parity check failed", ["a [x] y: 1 > 0", "b\nc"]))
