@@ -57,7 +57,7 @@ SYSTEMS = ("vision_dynamic", "fallback", "vision_dynamic_multi")
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--model", default="tiny-random")
     ap.add_argument("--sizes", default="1024,2048,max")
     ap.add_argument("--skip", default="vision_dynamic_multi@max",
                     help="system@size pairs not to run (default: the multi-image graph at the largest size, whose "

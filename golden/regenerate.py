@@ -1,4 +1,4 @@
-"""Regenerate the golden PyTorch outputs of the embedded tiny model kept in ``golden/`` and
+"""Regenerate the golden PyTorch outputs of the embedded random model (``tiny-random``) kept in ``golden/`` and
 used by tests (a repository script, not part of the installed package).
 
 Layout: ``golden/vision/<bucket>/inputs.npz`` (``pixel_u8``: the processor-level uint8
@@ -52,14 +52,14 @@ def write(root: Path) -> None:
     from qwen3vl_compile.model.checkpoint import Checkpoint, resolve_model_source
     from qwen3vl_compile.presets.materialize import TINY_SEED
 
-    visual = Checkpoint.open(resolve_model_source("tiny")).load_vision_tower()
+    visual = Checkpoint.open(resolve_model_source("tiny-random")).load_vision_tower()
     for name in GOLDEN_BUCKETS:
         d = root / "vision" / name
         d.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(d / "inputs.npz", pixel_u8=golden_inputs(name))
         np.savez_compressed(d / "outputs.npz", **compute(name, visual))
         meta = {
-            "model": "tiny",
+            "model": "tiny-random",
             "model_seed": TINY_SEED,
             "input_seed": GOLDEN_SEED,
             "bucket": parse_bucket(name).to_json(),

@@ -11,7 +11,7 @@ from qwen3vl_compile.model.hf_reference import make_hf_generate
 def tiny_path():
     from qwen3vl_compile.model.checkpoint import resolve_model_source
 
-    return resolve_model_source("tiny")
+    return resolve_model_source("tiny-random")
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +59,7 @@ def text_bundle(tmp_path_factory):
     from qwen3vl_compile.cli import main as compile_main
 
     out = tmp_path_factory.mktemp("text") / "bundle"
-    assert compile_main(["--model", "tiny", "--graphs", "embedding,decoder", "--precision", "fp32", "-o", str(out), "-q"]) == 0
+    assert compile_main(["--model", "tiny-random", "--graphs", "embedding,decoder", "--precision", "fp32", "-o", str(out), "-q"]) == 0
     return out
 
 
@@ -70,7 +70,7 @@ def genai_bundle(tmp_path_factory):
     from qwen3vl_compile.cli import main as compile_main
 
     out = tmp_path_factory.mktemp("genai") / "bundle"
-    rc = compile_main(["--model", "tiny", "--buckets", "448", "--target", "ort-genai", "--precision", "fp32", "-o", str(out), "-q"])
+    rc = compile_main(["--model", "tiny-random", "--buckets", "448", "--target", "ort-genai", "--precision", "fp32", "-o", str(out), "-q"])
     assert rc == 0
     return out
 

@@ -52,7 +52,7 @@ COMPILE_CASES = [
     (["--precision", "int3"], 2, "[arguments] argument --precision"),
     (["--block-size", "24"], 2, "--block-size 24"),
     (["--graphs", "audio"], 2, "unknown graph kind"),
-    (["--cache-dir", "/proc/qwen3vl-cache"], 1, "cannot write the 'tiny' preset"),
+    (["--cache-dir", "/proc/qwen3vl-cache"], 1, "cannot write the 'tiny-random' preset"),
     (["--model", "/nonexistent/ckpt"], 1, "no such directory"),
     (["--threads", "two"], 2, "invalid int value"),
 ]
@@ -61,12 +61,12 @@ COMPILE_CASES = [
 @pytest.mark.parametrize("args,code,needle", COMPILE_CASES, ids=[" ".join(c[0]) for c in COMPILE_CASES])
 def test_compile_refuses_bad_arguments(tmp_path, capsys, args, code, needle):
     out = tmp_path / "out"
-    _one_line(capsys, code, _exit_code(compile_main, ["--model", "tiny", "-o", str(out), "-q", *args]), needle)
+    _one_line(capsys, code, _exit_code(compile_main, ["--model", "tiny-random", "-o", str(out), "-q", *args]), needle)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_compile_into_an_unwritable_place(capsys):
-    rc = compile_main(["--model", "tiny", "--graphs", "embedding", "-o", "/proc/qwen3vl-out", "-q"])
+    rc = compile_main(["--model", "tiny-random", "--graphs", "embedding", "-o", "/proc/qwen3vl-out", "-q"])
     _one_line(capsys, 1, rc, "[write] cannot create a staging directory in /proc")
 
 

@@ -38,7 +38,7 @@ def test_bad_bucket_strings(text, fragment):
 
 def test_cli_exits_2_on_bad_bucket(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["--model", "tiny", "--buckets", "300", "-o", str(out)]) == 2
+    assert main(["--model", "tiny-random", "--buckets", "300", "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "nearest valid: 288 or 320" in err and "\n" == err[-1] and err.count("\n") == 1
     assert not out.exists()

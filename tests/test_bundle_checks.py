@@ -25,9 +25,9 @@ slow = pytest.mark.slow
 def fresh(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
     out = root / "a"
-    assert compile_main(["--model", "tiny", "--buckets", "224,448", "--precision", "fp32", "-o", str(out), "-q"]) == 0
+    assert compile_main(["--model", "tiny-random", "--buckets", "224,448", "--precision", "fp32", "-o", str(out), "-q"]) == 0
     other = root / "b"
-    assert compile_main(["--model", "tiny", "--buckets", "448", "--precision", "int4", "-o", str(other), "-q"]) == 0
+    assert compile_main(["--model", "tiny-random", "--buckets", "448", "--precision", "int4", "-o", str(other), "-q"]) == 0
     return out, other
 
 

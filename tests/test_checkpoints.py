@@ -25,7 +25,7 @@ NEW_TOKENS = 24
 def untied_bf16(tmp_path_factory):
     """The tiny shape, untied, 6 text layers (so a 4-layer gate slice is a real truncation),
     saved in bf16 in ~8 shards, with two eos ids."""
-    values = preset_config("tiny")
+    values = preset_config("tiny-random")
     values["tie_word_embeddings"] = values["text_config"]["tie_word_embeddings"] = False
     values["text_config"]["num_hidden_layers"] = 6
     model = build_random_model(values, seed=11)

@@ -23,6 +23,7 @@ from qwen3vl_compile.passes.pack_deepstack import PackDeepStackOutputsPass
 from qwen3vl_compile.passes.unpack_deepstack import UnpackDeepStackInputsPass
 from qwen3vl_compile.runtime.chat import build_messages
 from qwen3vl_compile.runtime.decoder_session import DecoderSession
+from qwen3vl_compile.runtime.genai import genai_greedy
 
 NEW_TOKENS = 24
 K, M, H = 3, 5, 4
@@ -174,14 +175,14 @@ def test_genai_decoder_reads_the_deepstack_channels(genai_bundle, manifest):
 
 
 def test_target_needs_every_graph(tmp_path, capsys):
-    assert compile_main(["--model", "tiny", "--buckets", "dynamic", "--target", "ort-genai", "--graphs", "vision",
+    assert compile_main(["--model", "tiny-random", "--buckets", "dynamic", "--target", "ort-genai", "--graphs", "vision",
                          "-o", str(tmp_path / "o")]) == 2
     assert "needs every graph" in capsys.readouterr().err
     from qwen3vl_compile.buckets import parse_buckets
     from qwen3vl_compile.config import CompileConfig
 
     with pytest.raises(UsageError, match="any-size vision graph"):
-        CompileConfig(model="tiny", output=tmp_path / "o", buckets=parse_buckets("448"), target="ort-genai")
+        CompileConfig(model="tiny-random", output=tmp_path / "o", buckets=parse_buckets("448"), target="ort-genai")
     assert not (tmp_path / "o").exists()
 
 
@@ -200,21 +201,6 @@ def images(tmp_path_factory):
     return out
 
 
-def _genai_generate(og, model, text: str, image_paths, max_new_tokens: int) -> list[int]:
-    processor = model.create_multimodal_processor()
-    inputs = processor(text, images=og.Images.open(*map(str, image_paths)) if image_paths else None)
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=4096)
-    gen = og.Generator(model, params)
-    gen.set_inputs(inputs)
-    out: list[int] = []
-    while len(out) < max_new_tokens and not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    stops = {151645, 151643}
-    return next((out[:i] for i, t in enumerate(out) if t in stops), out)
-
-
 GENAI_CASES = {
     "one_image": (["sq448"], "Describe this image."),
     "two_images": (["sq448", "odd"], "Compare the two images."),
@@ -230,7 +216,7 @@ def test_onnxruntime_genai_tokens_equal_ours_and_hf(genai_bundle, hf_generate, i
     pipe = Pipeline.load(genai_bundle, threads=2)
     ours = pipe.generate(images=paths, prompt=prompt, max_new_tokens=NEW_TOKENS).token_ids
     text = pipe.chat.render(build_messages(prompt, len(paths)))  # one <|image_pad|> per image: genai expands it
-    theirs = _genai_generate(og, og.Model(str(genai_bundle)), text, paths, NEW_TOKENS)
+    theirs = genai_greedy(og.Model(str(genai_bundle)), text, paths, NEW_TOKENS, pipe.chat.stop_ids)
     ref = hf_generate(paths, prompt, NEW_TOKENS)
     assert len(ref) >= NEW_TOKENS, "reference stopped early: pick another prompt"
     assert theirs == ours == ref

@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCH_FREE_MODULES = (
     "qwen3vl_compile.runtime.cli",
     "qwen3vl_compile.runtime.pipeline",
+    "qwen3vl_compile.runtime.eval",
     "qwen3vl_compile.bundle.cli",
     "qwen3vl_compile.bundle.check",
     "qwen3vl_compile.bundle.goldens",

@@ -106,7 +106,7 @@ def test_moe_decoder_without_deepstack_fails_the_compile(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("model,precision", [
-    ("tiny", "fp32"),
+    ("tiny-random", "fp32"),
     pytest.param("tiny-moe", "int4", marks=pytest.mark.slow),  # rounds every expert: seconds
     pytest.param("tiny-moe", "fp16", marks=pytest.mark.slow),
 ])

@@ -23,7 +23,7 @@ from qwen3vl_compile.bundle.manifest import SCHEMA
 
 
 def _compile(*args: str) -> int:
-    return main(["--model", "tiny", "--buckets", "224", "-q", *args])
+    return main(["--model", "tiny-random", "--buckets", "224", "-q", *args])
 
 
 def _user_files(d: Path) -> dict[str, bytes]:
@@ -222,7 +222,7 @@ def test_full_disk_leaves_nothing(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(compiler, "write_manifest", full)
     out = tmp_path / "bundle"
-    assert main(["--model", "tiny", "--graphs", "embedding", "-o", str(out), "-q"]) == 1
+    assert main(["--model", "tiny-random", "--graphs", "embedding", "-o", str(out), "-q"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "[write] writing the bundle failed: No space left on device" in err
     assert list(tmp_path.iterdir()) == []

@@ -39,20 +39,20 @@ def _drop_text(field):
 
 
 CONFIG_CASES = {
-    "attention_bias": ("tiny", _text(attention_bias=True), 2, "text_config.attention_bias: true is not supported"),
-    "hidden_act": ("tiny", _text(hidden_act="gelu"), 2, "text_config.hidden_act: 'gelu' is not supported"),
-    "rope_type": ("tiny", _rope(rope_type="yarn"), 2, "rope_type: 'yarn' is not supported"),
-    "mrope_not_interleaved": ("tiny", _rope(mrope_interleaved=False), 2, "mrope_interleaved: False"),
-    "sliding_window": ("tiny", _text(use_sliding_window=True), 2, "text_config.use_sliding_window: true"),
-    "no_hidden_size": ("tiny", _drop_text("hidden_size"), 2, "text_config.hidden_size: None"),
-    "string_layers": ("tiny", _text(num_hidden_layers="4"), 2, "text_config.num_hidden_layers: '4'"),
-    "out_hidden": ("tiny", lambda c: c["vision_config"].update(out_hidden_size=64), 2, "vision_config.out_hidden_size: 64"),
-    "deepstack_index": ("tiny", lambda c: c["vision_config"].update(deepstack_visual_indexes=[1, 9]), 2,
+    "attention_bias": ("tiny-random", _text(attention_bias=True), 2, "text_config.attention_bias: true is not supported"),
+    "hidden_act": ("tiny-random", _text(hidden_act="gelu"), 2, "text_config.hidden_act: 'gelu' is not supported"),
+    "rope_type": ("tiny-random", _rope(rope_type="yarn"), 2, "rope_type: 'yarn' is not supported"),
+    "mrope_not_interleaved": ("tiny-random", _rope(mrope_interleaved=False), 2, "mrope_interleaved: False"),
+    "sliding_window": ("tiny-random", _text(use_sliding_window=True), 2, "text_config.use_sliding_window: true"),
+    "no_hidden_size": ("tiny-random", _drop_text("hidden_size"), 2, "text_config.hidden_size: None"),
+    "string_layers": ("tiny-random", _text(num_hidden_layers="4"), 2, "text_config.num_hidden_layers: '4'"),
+    "out_hidden": ("tiny-random", lambda c: c["vision_config"].update(out_hidden_size=64), 2, "vision_config.out_hidden_size: 64"),
+    "deepstack_index": ("tiny-random", lambda c: c["vision_config"].update(deepstack_visual_indexes=[1, 9]), 2,
                         "vision_config.deepstack_visual_indexes: [1, 9]"),
     "moe_top_k": ("tiny-moe", _text(num_experts_per_tok=9), 2, "text_config.num_experts_per_tok: 9 is more than num_experts 8"),
     "shared_expert": ("tiny-moe", _text(shared_expert_intermediate_size=64), 2, "shared_expert_intermediate_size: 64"),
-    "shape_mismatch": ("tiny", _text(intermediate_size=512), 1, "has shape [256, 128], config.json implies [512, 128]"),
-    "untied_without_lm_head": ("tiny", lambda c: c.update(tie_word_embeddings=False), 1, "no lm_head.weight"),
+    "shape_mismatch": ("tiny-random", _text(intermediate_size=512), 1, "has shape [256, 128], config.json implies [512, 128]"),
+    "untied_without_lm_head": ("tiny-random", lambda c: c.update(tie_word_embeddings=False), 1, "no lm_head.weight"),
 }
 
 
@@ -81,7 +81,7 @@ def _break_weights(kind, d):
     elif kind == "missing_tensor":
         from safetensors.torch import load_file, save_file
 
-        tensors = load_file(str(resolve_model_source("tiny") / f.name))
+        tensors = load_file(str(resolve_model_source("tiny-random") / f.name))
         del tensors["model.language_model.layers.2.mlp.down_proj.weight"]
         save_file(tensors, str(f), metadata={"format": "pt"})
 
@@ -91,7 +91,7 @@ def _break_weights(kind, d):
                                          ("garbage", "not a readable safetensors file"),
                                          ("missing_tensor", "'layers.2.mlp.down_proj.weight' not found")])
 def test_broken_weights_are_refused_at_load(kind, needle, tmp_path, capsys):
-    d = _copy(resolve_model_source("tiny"), tmp_path / "ckpt")
+    d = _copy(resolve_model_source("tiny-random"), tmp_path / "ckpt")
     _break_weights(kind, d)
     out = tmp_path / "out"
     assert main(["--model", str(d), "-o", str(out), "-q"]) == 1
@@ -115,7 +115,7 @@ def test_moe_block_size_must_divide_the_expert_size(tmp_path, capsys):
     ("generation_config.json", "[]", "generation_config.json: not a JSON object"),
 ])
 def test_broken_json_files_are_refused_in_one_line(name, content, needle, tmp_path, capsys):
-    d = _copy(resolve_model_source("tiny"), tmp_path / "ckpt")
+    d = _copy(resolve_model_source("tiny-random"), tmp_path / "ckpt")
     (d / name).unlink()
     (d / name).write_text(content)
     out = tmp_path / "out"

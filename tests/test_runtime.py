@@ -21,7 +21,7 @@ slow = pytest.mark.slow
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("rt") / "bundle"
-    rc = compile_main(["--model", "tiny", "--buckets", "448,256x512", "--precision", "fp32", "-o", str(out), "-q"])
+    rc = compile_main(["--model", "tiny-random", "--buckets", "448,256x512", "--precision", "fp32", "-o", str(out), "-q"])
     assert rc == 0
     return out
 

@@ -32,7 +32,7 @@ THINKING_TEMPLATE = (
 def thinking_checkpoint(tmp_path_factory):
     from tokenizers import AddedToken, Tokenizer
 
-    src = resolve_model_source("tiny")
+    src = resolve_model_source("tiny-random")
     d = tmp_path_factory.mktemp("thinking") / "Qwen3-VL-Tiny-Thinking"
     d.mkdir()
     for f in src.iterdir():

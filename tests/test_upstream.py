@@ -35,7 +35,7 @@ def test_this_environment_is_tested():
 def test_untested_version_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
     real = upstream.installed_version
     monkeypatch.setattr(upstream, "installed_version", lambda name: "2.99.0" if name == "torch" else real(name))
-    rc = compile_main(["--model", "tiny", "-o", str(tmp_path / "out"), "-q"])
+    rc = compile_main(["--model", "tiny-random", "-o", str(tmp_path / "out"), "-q"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1, err
     assert f"[upstream] torch 2.99.0 is untested (tested: torch{upstream.TESTED['torch']})" in err

@@ -171,7 +171,7 @@ def test_parse_dynamic_bucket():
 
 
 def test_cli_refuses_duplicate_dynamic(tmp_path, capsys):
-    assert compile_main(["--model", "tiny", "--buckets", "dynamic,dynamic", "-o", str(tmp_path / "o")]) == 2
+    assert compile_main(["--model", "tiny-random", "--buckets", "dynamic,dynamic", "-o", str(tmp_path / "o")]) == 2
     assert "more than once" in capsys.readouterr().err
 
 

@@ -104,7 +104,7 @@ def test_failed_export_is_one_line_naming_its_log(tiny_visual, tmp_path, monkeyp
 
 
 def _compile(out, *extra):
-    return main(["--model", "tiny", "--buckets", "224,128x256", "-o", str(out), "--graphs", "vision", "-q", *extra])
+    return main(["--model", "tiny-random", "--buckets", "224,128x256", "-o", str(out), "--graphs", "vision", "-q", *extra])
 
 
 @pytest.mark.slow  # two whole compiles

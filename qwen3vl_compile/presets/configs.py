@@ -64,13 +64,13 @@ QWEN3_VL_4B = {
     },
 }
 
-# The embedded test model: real token ids and vocabulary size, DeepStack levels at
+# The embedded random test model (``tiny-random``): real token ids and vocabulary size, DeepStack levels at
 # non-consecutive blocks (so an off-by-one shows), interleaved MRoPE with three
 # non-empty sections, GQA, and weights initialised large (std 0.2) so positional
 # bugs change outputs by O(1) instead of 1e-5 (with the usual std-0.02 initialisation the
 # model is close to linear in its inputs and such bugs hide in the noise).
-TINY = copy.deepcopy(QWEN3_VL_4B)
-TINY["text_config"].update(
+TINY_RANDOM = copy.deepcopy(QWEN3_VL_4B)
+TINY_RANDOM["text_config"].update(
     {
         "hidden_size": 128,
         "intermediate_size": 256,
@@ -87,7 +87,7 @@ TINY["text_config"].update(
         },
     }
 )
-TINY["vision_config"].update(
+TINY_RANDOM["vision_config"].update(
     {
         "depth": 6,
         "hidden_size": 64,
@@ -143,15 +143,24 @@ OFFICIAL = {
     "qwen3-vl-235b-a22b": QWEN3_VL_235B_A22B,
 }
 # The embedded MoE test model: the tiny shape with every layer sparse (8 experts, top-2).
-TINY_MOE = _shape({k: TINY["text_config"][k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+TINY_MOE = _shape({k: TINY_RANDOM["text_config"][k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                        "num_attention_heads", "num_key_value_heads", "head_dim",
                                                        "initializer_range", "rope_parameters")},
-                  {k: TINY["vision_config"][k] for k in ("depth", "hidden_size", "num_heads", "intermediate_size",
+                  {k: TINY_RANDOM["vision_config"][k] for k in ("depth", "hidden_size", "num_heads", "intermediate_size",
                                                          "deepstack_visual_indexes", "initializer_range")},
                   tied=True, moe={"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64})
 
-# Presets small enough to build in memory (std-0.2 weights, for parity tests).
-SMALL = {"tiny": TINY, "tiny-moe": TINY_MOE}
+# The embedded trained model (``tiny``): the same architecture, started from the usual
+# std-0.02 init and trained on synthetic visual questions (scripts/train_tiny.py); the
+# tensors training changed ship with the package (TRAINED), the rest is rebuilt from the seed.
+TINY = copy.deepcopy(TINY_RANDOM)
+TINY["text_config"]["initializer_range"] = TINY["vision_config"]["initializer_range"] = 0.02
+
+# Presets small enough to build in memory: random std-0.2 weights for parity tests, and the
+# trained tiny model.
+SMALL = {"tiny": TINY, "tiny-random": TINY_RANDOM, "tiny-moe": TINY_MOE}
+# Trained presets: the asset file (in qwen3vl_compile/assets) holding what training changed.
+TRAINED = {"tiny": "tiny_trained.safetensors"}
 PRESETS = {**SMALL, **OFFICIAL}
 
 

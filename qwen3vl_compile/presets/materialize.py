@@ -16,11 +16,10 @@ import tempfile
 from pathlib import Path
 
 from ..model.tokens import SPECIAL_TOKENS
-from .configs import SMALL, preset_config
+from .configs import SMALL, TRAINED, preset_config
 
 GENERATOR_VERSION = 1
 TINY_SEED = 1234
-TINY_INIT_STD = 0.2
 
 PREPROCESSOR_CONFIG = {
     # The values published Qwen3-VL checkpoints ship (patch 16, mean/std 0.5, their pixel
@@ -53,8 +52,18 @@ def default_cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "qwen3vl-compile"
 
 
+def trained_asset(name: str) -> Path | None:
+    """The file of trained tensors a preset ships with (None for random presets)."""
+    if name not in TRAINED:
+        return None
+    return Path(__file__).resolve().parent.parent / "assets" / TRAINED[name]
+
+
 def _key(name: str, seed: int) -> str:
-    blob = json.dumps({"config": preset_config(name), "seed": seed, "v": GENERATOR_VERSION}, sort_keys=True)
+    asset = trained_asset(name)
+    trained = hashlib.sha256(asset.read_bytes()).hexdigest() if asset is not None and asset.is_file() else None
+    blob = json.dumps({"config": preset_config(name), "seed": seed, "v": GENERATOR_VERSION, "trained": trained},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -68,8 +77,13 @@ def materialize_preset(name: str, cache_dir: Path | None = None, *, seed: int = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_dir))
     try:
         if log:
-            log(f"building the {name!r} preset checkpoint (random weights, seed {seed}) in {target}")
-        if name in SMALL:
+            what = "trained weights" if name in TRAINED else "random weights"
+            log(f"building the {name!r} preset checkpoint ({what}, seed {seed}) in {target}")
+        if name in TRAINED:  # stored in bf16, as the Hub ships checkpoints (the trained tensors are bf16)
+            import torch
+
+            build_trained_model(name, seed).to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+        elif name in SMALL:
             build_random_model(preset_config(name), seed).save_pretrained(tmp, safe_serialization=True)
         else:
             _write_random_large(tmp, name, seed)
@@ -131,10 +145,33 @@ def build_random_model(values: dict, seed: int = TINY_SEED, *, std: float | None
     return model
 
 
-def build_tiny_model(seed: int = TINY_SEED):
-    """The embedded model, in memory, with large random weights (std 0.2, so that positional
-    bugs show at O(1))."""
-    return build_random_model(preset_config("tiny"), seed)
+def build_trained_model(name: str = "tiny", seed: int = TINY_SEED):
+    """A trained preset in memory: the seeded init of its config, with every tensor that
+    training changed loaded from the package's asset file (all but the token embedding,
+    plus the embedding rows training used, ``embed_rows.index`` / ``embed_rows.weight``)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ..errors import LoadError
+
+    asset = trained_asset(name)
+    if asset is None or not asset.is_file():
+        raise LoadError(f"preset {name!r}: its trained weights {asset} are missing (reinstall, or run scripts/train_tiny.py)")
+    model = build_random_model(preset_config(name), seed)
+    trained = load_file(str(asset))
+    rows, weight = trained.pop("embed_rows.index"), trained.pop("embed_rows.weight")
+    state = model.state_dict()
+    unknown = sorted(set(trained) - set(state))
+    missing = sorted(k for k in state if k not in trained and not k.endswith("embed_tokens.weight") and k != "lm_head.weight")
+    if unknown or missing:
+        raise LoadError(f"preset {name!r}: {asset.name} does not fit the architecture "
+                        f"(unknown {unknown[:3]}, missing {missing[:3]})")
+    with torch.no_grad():
+        for key, value in trained.items():
+            state[key].copy_(value.to(state[key].dtype))
+        model.get_input_embeddings().weight[rows] = weight.to(torch.float32)
+    return model
+
 
 
 def write_checkpoint(out: Path, model, *, dtype=None, max_shard_size: str | int | None = None,

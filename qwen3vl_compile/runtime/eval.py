@@ -1,0 +1,238 @@
+"""``qwen3vl-eval OUT ITEMS.jsonl``: what a bundle costs in answers.
+
+Runs the bundle greedily over a JSONL file of ``{"images": [...], "prompt": ..., "answer": ...}``
+(image paths relative to the JSONL file; ``images`` may be empty) and scores each answer
+case-insensitively, both as an exact match (after trimming spaces and a final full stop) and
+as a contains-match. With ``--reference MODEL`` (a checkpoint directory or preset) Hugging Face
+answers the same items in fp32: the accuracy of each, the rate at which the two agree, and
+the items where they differ. ``--json`` prints one JSON object instead of the table.
+
+The whole file is checked before any model work: a line that is not a JSON object with those
+fields, or an image that does not exist, is refused with its line number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from ..errors import Qwen3VLCompileError, RuntimeInputError
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalItem:
+    line: int
+    images: tuple[Path, ...]
+    prompt: str
+    answer: str
+    kind: str | None = None
+
+
+def load_items(path: Path) -> list[EvalItem]:
+    """Parse and check every line; raise RuntimeInputError naming the first bad one."""
+    path = Path(path)
+    if not path.is_file():
+        raise RuntimeInputError(f"{path}: not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RuntimeInputError(f"{path}: unreadable ({e})") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path.name} line {n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RuntimeInputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise RuntimeInputError(f"{where}: not a JSON object")
+        images, prompt, answer = obj.get("images", []), obj.get("prompt"), obj.get("answer")
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise RuntimeInputError(f"{where}: \"images\" must be a list of paths")
+        for key, value in (("prompt", prompt), ("answer", answer)):
+            if not isinstance(value, str) or not value.strip():
+                raise RuntimeInputError(f"{where}: \"{key}\" must be a non-empty string")
+        paths = tuple((path.parent / i) for i in images)
+        for i, p in zip(images, paths):
+            if not p.is_file():
+                raise RuntimeInputError(f"{where}: image {i} not found (paths are relative to {path.parent})")
+        kind = obj.get("kind")
+        out.append(EvalItem(n, paths, prompt, answer, kind if isinstance(kind, str) else None))
+    if not out:
+        raise RuntimeInputError(f"{path}: no items (one JSON object per line)")
+    return out
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".!").strip()
+
+
+def score(prediction: str, answer: str) -> tuple[bool, bool]:
+    """(exact, contains), case-insensitive."""
+    p, a = normalize(prediction), normalize(answer)
+    return p == a, a in p
+
+
+@dataclasses.dataclass
+class SystemResult:
+    name: str
+    predictions: list[str]
+    seconds: list[float]
+
+    def accuracy(self, items: list[EvalItem]) -> dict:
+        exact = [score(p, it.answer)[0] for p, it in zip(self.predictions, items)]
+        contains = [score(p, it.answer)[1] for p, it in zip(self.predictions, items)]
+        by_kind: dict[str, list[bool]] = {}
+        for it, e in zip(items, exact):
+            by_kind.setdefault(it.kind or "all", []).append(e)
+        return {"exact": sum(exact) / len(items), "contains": sum(contains) / len(items),
+                "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+                "seconds_per_item": sum(self.seconds) / len(items)}
+
+
+def run_bundle(pipe, items: list[EvalItem], max_new_tokens: int, progress=None) -> SystemResult:
+    preds, secs = [], []
+    for i, it in enumerate(items):
+        t = time.perf_counter()
+        preds.append(pipe.generate([str(p) for p in it.images], it.prompt, max_new_tokens=max_new_tokens).text)
+        secs.append(time.perf_counter() - t)
+        if progress:
+            progress(i + 1, len(items))
+    return SystemResult("bundle", preds, secs)
+
+
+def run_reference(model: str, items: list[EvalItem], max_new_tokens: int, decode, progress=None) -> SystemResult:
+    """Hugging Face ``generate`` in fp32 on the same items (needs torch and transformers)."""
+    try:
+        from ..model.checkpoint import resolve_model_source
+        from ..model.hf_reference import make_hf_generate
+    except ImportError as e:  # the slim runtime
+        raise RuntimeInputError(f"--reference needs torch and transformers ({e.name} is missing): "
+                                "pip install 'qwen3vl-compile[compile]'") from None
+    try:  # our progress bar is the one to show
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers comes with the compile extra
+        pass
+    generate = make_hf_generate(resolve_model_source(model))
+    preds, secs = [], []
+    for i, it in enumerate(items):
+        t = time.perf_counter()
+        preds.append(decode(generate([str(p) for p in it.images], it.prompt, max_new_tokens)))
+        secs.append(time.perf_counter() - t)
+        if progress:
+            progress(i + 1, len(items))
+    return SystemResult("reference", preds, secs)
+
+
+def report(items: list[EvalItem], bundle: SystemResult, reference: SystemResult | None) -> dict:
+    out = {"items": len(items), "bundle": bundle.accuracy(items)}
+    if reference is not None:
+        out["reference"] = reference.accuracy(items)
+        same = [normalize(a) == normalize(b) for a, b in zip(bundle.predictions, reference.predictions)]
+        out["agreement"] = sum(same) / len(items)
+        out["differences"] = [{"line": it.line, "prompt": it.prompt, "answer": it.answer, "bundle": a, "reference": b}
+                              for it, a, b, s in zip(items, bundle.predictions, reference.predictions, same) if not s]
+    return out
+
+
+def _progress(label: str, enabled: bool):
+    if not enabled:
+        return None
+
+    def show(done: int, total: int) -> None:
+        width = 30
+        bar = "#" * (width * done // total)
+        sys.stderr.write(f"\r{label:<10} [{bar:<{width}}] {done}/{total}")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def _print_table(r: dict) -> None:
+    rows = [("system", "exact", "contains", "s/item")]
+    for name in ("bundle", "reference"):
+        if name in r:
+            a = r[name]
+            rows.append((name, f"{a['exact']:.1%}", f"{a['contains']:.1%}", f"{a['seconds_per_item']:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    kinds = r["bundle"]["by_kind"]
+    if len(kinds) > 1:
+        print("by kind (exact): " + ", ".join(
+            f"{k} {v:.0%}" + (f" / {r['reference']['by_kind'][k]:.0%}" if "reference" in r else "") for k, v in kinds.items()))
+    if "agreement" in r:
+        print(f"agreement: {r['agreement']:.1%} of {r['items']} items")
+        for d in r["differences"][:10]:
+            print(f"  line {d['line']}: {d['prompt']!r} answer {d['answer']!r}: bundle {d['bundle']!r}, reference {d['reference']!r}")
+        if len(r["differences"]) > 10:
+            print(f"  ... {len(r['differences']) - 10} more (--json lists all)")
+
+
+def _parser():
+    from ..cli_io import OneLineParser
+
+    p = OneLineParser(prog="qwen3vl-eval", description="Accuracy of a bundle (and of Hugging Face) on a JSONL eval set.")
+    p.add_argument("bundle", help="bundle directory written by qwen3vl-compile")
+    p.add_argument("items", type=Path, help='JSONL: {"images": [...], "prompt": ..., "answer": ...} per line')
+    p.add_argument("--reference", default=None, help="checkpoint directory or preset to answer the same items with Hugging Face (fp32)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--limit", type=int, default=0, help="only the first N items (0: all)")
+    p.add_argument("--on-miss", default="fallback", choices=("fallback", "fit", "error"))
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object with every figure and difference")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    from ..cli_io import run_cli
+
+    return run_cli(lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        from ..options import whole_number
+        from .pipeline import Pipeline
+
+        whole_number(args.limit, "--limit", 0, RuntimeInputError)
+        whole_number(args.max_new_tokens, "--max-new-tokens", 1, RuntimeInputError)
+        items = load_items(args.items)
+        if args.limit:
+            items = items[: args.limit]
+        pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss)
+        show = not args.quiet and sys.stderr.isatty()
+        bundle = run_bundle(pipe, items, args.max_new_tokens, _progress("bundle", show))
+        reference = None
+        if args.reference:
+            reference = run_reference(args.reference, items, args.max_new_tokens, pipe.chat.decode, _progress("reference", show))
+        result = report(items, bundle, reference)
+    except Qwen3VLCompileError as e:
+        print(f"qwen3vl-eval: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\nqwen3vl-eval: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        _print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
