@@ -13,7 +13,6 @@ from .buckets import DYNAMIC, parse_buckets
 from .config import GRAPH_KINDS, TARGETS, CompileConfig
 from .options import EMBEDDING_PRECISIONS, LOGITS_MODES, PRECISIONS, DecoderOptions
 from .cli_io import OneLineParser, run_cli
-from .errors import Qwen3VLCompileError
 from .parity import parity_summary
 
 
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         from .bundle import cli as bundle_cli
 
         return bundle_cli.main(argv)
-    return run_cli(lambda: _compile(argv))
+    return run_cli(lambda: _compile(argv), "qwen3vl-compile", interrupted="interrupted; nothing was written")
 
 
 def _compile(argv: list[str]) -> int:
@@ -70,42 +69,35 @@ def _compile(argv: list[str]) -> int:
 
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        buckets = args.buckets
-        if args.target == "ort-genai" and DYNAMIC not in [b.strip().lower() for b in buckets.split(",")]:
-            # onnxruntime-genai sends every image size to one vision graph.
-            buckets = f"{buckets},{DYNAMIC}"
-        cfg = CompileConfig(
-            model=args.model,
-            output=args.output,
-            buckets=parse_buckets(buckets),
-            decoder=DecoderOptions(
-                precision=args.precision,
-                block_size=args.block_size,
-                accuracy_level=args.accuracy_level,
-                keep_lm_head_fp=args.keep_lm_head_fp,
-                context_length=args.context_length,
-                logits=args.logits,
-                embedding_precision=args.embedding_precision,
-            ),
-            graphs=tuple(g.strip() for g in args.graphs.split(",") if g.strip()),
-            target=args.target,
-            verify=not args.no_verify,
-            force=args.force,
-            threads=args.threads,
-            cache_dir=args.cache_dir,
-            verbose=False if args.quiet else args.verbose,
-            command=tuple(["qwen3vl-compile", *argv]),
-        )
-        from .compiler import compile_bundle
+    buckets = args.buckets
+    if args.target == "ort-genai" and DYNAMIC not in [b.strip().lower() for b in buckets.split(",")]:
+        # onnxruntime-genai sends every image size to one vision graph.
+        buckets = f"{buckets},{DYNAMIC}"
+    cfg = CompileConfig(
+        model=args.model,
+        output=args.output,
+        buckets=parse_buckets(buckets),
+        decoder=DecoderOptions(
+            precision=args.precision,
+            block_size=args.block_size,
+            accuracy_level=args.accuracy_level,
+            keep_lm_head_fp=args.keep_lm_head_fp,
+            context_length=args.context_length,
+            logits=args.logits,
+            embedding_precision=args.embedding_precision,
+        ),
+        graphs=tuple(g.strip() for g in args.graphs.split(",") if g.strip()),
+        target=args.target,
+        verify=not args.no_verify,
+        force=args.force,
+        threads=args.threads,
+        cache_dir=args.cache_dir,
+        verbose=False if args.quiet else args.verbose,
+        command=tuple(["qwen3vl-compile", *argv]),
+    )
+    from .compiler import compile_bundle
 
-        manifest = compile_bundle(cfg)
-    except Qwen3VLCompileError as e:
-        print(f"qwen3vl-compile: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("qwen3vl-compile: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    manifest = compile_bundle(cfg)
     _print_summary(cfg, manifest)
     return 0
 

@@ -1,6 +1,7 @@
-"""What every command-line entry point does around its work: text that cannot be encoded
-for the terminal (``PYTHONIOENCODING=ascii``) is escaped rather than raising, and output
-piped into a command that closed early (``| head``, ``| true``) is not an error of ours."""
+"""What every command-line entry point does around its work: a typed error is one line
+(``PROG: error: [stage] ...``) and its exit code, Ctrl-C is exit 130, text that cannot be
+encoded for the terminal (``PYTHONIOENCODING=ascii``) is escaped rather than raising, and
+output piped into a command that closed early (``| head``, ``| true``) is not an error of ours."""
 
 from __future__ import annotations
 
@@ -9,15 +10,25 @@ import os
 import sys
 from typing import Callable
 
+from .errors import Qwen3VLCompileError
 
-def run_cli(main: Callable[[], int]) -> int:
+
+def run_cli(main: Callable[[], int], prog: str, *, interrupted: str = "interrupted") -> int:
+    """Run ``main`` as the command ``prog``."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError):  # not a TextIOWrapper (captured in tests)
             pass
     try:
-        code = main()
+        try:
+            code = main()
+        except Qwen3VLCompileError as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt:
+            print(f"\n{prog}: {interrupted}", file=sys.stderr)
+            return 130
         sys.stdout.flush()
         return code
     except BrokenPipeError:

@@ -7,10 +7,9 @@ everything is within the recorded tolerances.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from ..errors import BundleError, Qwen3VLCompileError
+from ..errors import BundleError
 from ..parity import parity_summary
 
 
@@ -106,7 +105,7 @@ def verify_bundle(root: Path, *, threads: int = 0) -> int:
 def main(argv: list[str]) -> int:
     from ..cli_io import run_cli
 
-    return run_cli(lambda: _main(argv))
+    return run_cli(lambda: _main(argv), f"qwen3vl-compile {argv[0]}")
 
 
 def _main(argv: list[str]) -> int:
@@ -117,10 +116,6 @@ def _main(argv: list[str]) -> int:
     if argv[0] == "verify":
         p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv[1:])
-    try:
-        if argv[0] == "inspect":
-            return inspect_bundle(args.bundle)
-        return verify_bundle(args.bundle, threads=args.threads)
-    except Qwen3VLCompileError as e:
-        print(f"qwen3vl-compile {argv[0]}: error: {e}", file=sys.stderr)
-        return e.exit_code
+    if argv[0] == "inspect":
+        return inspect_bundle(args.bundle)
+    return verify_bundle(args.bundle, threads=args.threads)

@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 
-from ..errors import Qwen3VLCompileError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,30 +36,23 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from ..cli_io import run_cli
 
-    return run_cli(lambda: _run(argv))
+    return run_cli(lambda: _run(argv), "qwen3vl-run")
 
 
 def _run(argv) -> int:
     args = _parser().parse_args(argv)
-    try:
-        from .pipeline import Pipeline
+    from .pipeline import Pipeline
 
-        pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss, skip_hash_check=args.skip_hash_check)
-        pieces = pipe.generate(
-            images=args.image, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True,
-        )
-        for piece in pieces:
-            if not args.json:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        result = pipe.last_result
-    except Qwen3VLCompileError as e:
-        print(f"qwen3vl-run: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("\nqwen3vl-run: interrupted", file=sys.stderr)
-        return 130
+    pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss, skip_hash_check=args.skip_hash_check)
+    pieces = pipe.generate(
+        images=args.image, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True,
+    )
+    for piece in pieces:
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    result = pipe.last_result
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:

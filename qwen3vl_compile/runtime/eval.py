@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import Qwen3VLCompileError, RuntimeInputError
+from ..errors import RuntimeInputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,33 +200,26 @@ def _parser():
 def main(argv=None) -> int:
     from ..cli_io import run_cli
 
-    return run_cli(lambda: _main(argv))
+    return run_cli(lambda: _main(argv), "qwen3vl-eval")
 
 
 def _main(argv) -> int:
     args = _parser().parse_args(argv)
-    try:
-        from ..options import whole_number
-        from .pipeline import Pipeline
+    from ..options import whole_number
+    from .pipeline import Pipeline
 
-        whole_number(args.limit, "--limit", 0, RuntimeInputError)
-        whole_number(args.max_new_tokens, "--max-new-tokens", 1, RuntimeInputError)
-        items = load_items(args.items)
-        if args.limit:
-            items = items[: args.limit]
-        pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss)
-        show = not args.quiet and sys.stderr.isatty()
-        bundle = run_bundle(pipe, items, args.max_new_tokens, _progress("bundle", show))
-        reference = None
-        if args.reference:
-            reference = run_reference(args.reference, items, args.max_new_tokens, pipe.chat.decode, _progress("reference", show))
-        result = report(items, bundle, reference)
-    except Qwen3VLCompileError as e:
-        print(f"qwen3vl-eval: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("\nqwen3vl-eval: interrupted", file=sys.stderr)
-        return 130
+    whole_number(args.limit, "--limit", 0, RuntimeInputError)
+    whole_number(args.max_new_tokens, "--max-new-tokens", 1, RuntimeInputError)
+    items = load_items(args.items)
+    if args.limit:
+        items = items[: args.limit]
+    pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss)
+    show = not args.quiet and sys.stderr.isatty()
+    bundle = run_bundle(pipe, items, args.max_new_tokens, _progress("bundle", show))
+    reference = None
+    if args.reference:
+        reference = run_reference(args.reference, items, args.max_new_tokens, pipe.chat.decode, _progress("reference", show))
+    result = report(items, bundle, reference)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:
