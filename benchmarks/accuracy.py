@@ -36,7 +36,7 @@ from qwen3vl_compile.cli import main as compile_main  # noqa: E402
 from qwen3vl_compile.presets.materialize import PREPROCESSOR_CONFIG  # noqa: E402
 from qwen3vl_compile.presets.shapes import HELDOUT_SEED, HELDOUT_SIZES, write_set  # noqa: E402
 from qwen3vl_compile.runtime.preprocess import ProcessorConfig, smart_resize  # noqa: E402
-from qwen3vl_compile.runtime.eval import SystemResult, load_items, normalize, run_bundle, run_reference, score  # noqa: E402
+from qwen3vl_compile.runtime.eval import SystemResult, answer_all, load_items, report, run_bundle, run_reference  # noqa: E402
 from qwen3vl_compile.runtime.pipeline import Pipeline  # noqa: E402
 
 SLICE = 60
@@ -104,14 +104,8 @@ def run_genai(bundle: Path, items, max_new_tokens: int, decode, threads: int) ->
     config.overlay(json.dumps({"model": {k: opts for k in ("decoder", "embedding", "vision")}}))
     model = og.Model(config)
     chat = Pipeline.load(bundle).chat
-    preds, secs = [], []
-    for it in items:
-        t = time.perf_counter()
-        ids = genai_greedy(model, chat.render(build_messages(it.prompt, len(it.images))), it.images, max_new_tokens,
-                           chat.stop_ids)
-        preds.append(decode(ids))
-        secs.append(time.perf_counter() - t)
-    return SystemResult("ort-genai", preds, secs)
+    return answer_all("ort-genai", lambda it: decode(genai_greedy(
+        model, chat.render(build_messages(it.prompt, len(it.images))), it.images, max_new_tokens, chat.stop_ids)), items)
 
 
 def main() -> int:
@@ -159,25 +153,23 @@ def main() -> int:
     _swap_grid(pipe)
     results["swapped-grid"] = run_bundle(pipe, items, args.max_new_tokens)
 
-    ref = results["reference"].predictions
+    ref = results["reference"]
     non_square = [i for i, it in enumerate(items) if any(_not_square(p) for p in it.images)]
+    first = range(min(SLICE, len(items)))  # the items tests/test_trained_tiny.py reruns
     rows, payload = [], {}
     kinds = sorted({it.kind or "all" for it in items})
     for name, res in results.items():
         idx = non_square if name == "swapped-grid" else list(range(len(items)))
-        sub = [items[i] for i in idx]
-        preds = [res.predictions[i] for i in idx]
-        exact = [score(p, it.answer)[0] for p, it in zip(preds, sub)]
-        agree = [normalize(p) == normalize(ref[i]) for p, i in zip(preds, idx)]
-        by_kind = {k: _mean([e for e, it in zip(exact, sub) if (it.kind or "all") == k]) for k in kinds}
-        # The first SLICE items, which tests/test_trained_tiny.py reruns.
-        first = [score(res.predictions[i], items[i].answer)[0] for i in range(min(SLICE, len(items)))]
-        payload[name] = {"label": LABELS[name], "items": len(idx), "exact": _mean(exact), "agreement_with_reference": _mean(agree),
-                         f"exact_first_{SLICE}": _mean(first),
-                         "by_kind": by_kind, "seconds_per_item": _mean([res.seconds[i] for i in idx])}
+        r = report([items[i] for i in idx], res.subset(idx), ref.subset(idx))
+        acc = r["bundle"]
+        payload[name] = {"label": LABELS[name], "items": len(idx), "exact": acc["exact"],
+                         "agreement_with_reference": r["agreement"],
+                         f"exact_first_{SLICE}": res.subset(first).accuracy([items[i] for i in first])["exact"],
+                         "by_kind": {k: acc["by_kind"].get(k, float("nan")) for k in kinds},
+                         "seconds_per_item": acc["seconds_per_item"]}
         rows.append([LABELS[name] + (f" ({len(idx)} non-square items)" if name == "swapped-grid" else ""),
-                     f"{_mean(exact):.1%}", f"{_mean(agree):.1%}",
-                     " ".join(f"{by_kind[k]:.0%}" for k in kinds), f"{payload[name]['seconds_per_item']:.3f}"])
+                     f"{acc['exact']:.1%}", f"{r['agreement']:.1%}",
+                     " ".join(f"{payload[name]['by_kind'][k]:.0%}" for k in kinds), f"{acc['seconds_per_item']:.3f}"])
     header = ["system", "exact", "same answer as HF", "by kind (" + ", ".join(kinds) + ")", "s/item"]
     date = datetime.date.today().isoformat()
     md = (f"Accuracy of the trained tiny model on the synthetic held-out set ({len(items)} items, seed {HELDOUT_SEED}), "
@@ -194,11 +186,6 @@ def _not_square(path: Path) -> bool:
 
     with Image.open(path) as img:
         return img.width != img.height
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return float(sum(values) / len(values)) if values else float("nan")
 
 
 if __name__ == "__main__":

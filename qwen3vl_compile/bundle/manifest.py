@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import importlib.metadata
 import json
 from pathlib import Path
 
 from .. import __version__
 from ..errors import BundleError
+from ..upstream import installed_version
 from .records import StageResult
 
 SCHEMA = "qwen3vl-compile/manifest"
@@ -51,13 +51,7 @@ def interface_name(name: str) -> str:
 
 
 def library_versions() -> dict[str, str | None]:
-    out = {}
-    for lib in _LIBS:
-        try:
-            out[lib] = importlib.metadata.version(lib)
-        except importlib.metadata.PackageNotFoundError:
-            out[lib] = None
-    return out
+    return {lib: installed_version(lib) for lib in _LIBS}
 
 
 def assemble(*, command: list[str], source: dict, options: dict, processor: dict, generation: dict,

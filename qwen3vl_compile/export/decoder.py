@@ -33,7 +33,7 @@ import onnx_ir as ir
 from ..model.checkpoint import Checkpoint
 from ..errors import ExportError, Qwen3VLCompileError
 from ..bundle.manifest import interface_name
-from ..bundle.records import GraphEntry, PassReport, TensorInfo
+from ..bundle.records import GraphEntry, TensorInfo
 from ..options import DecoderOptions
 from .text_decoder import build_decoder_model, save_streaming
 
@@ -136,20 +136,19 @@ def build_decoder(
 def graph_interface(graph: ir.Graph) -> dict:
     """Inputs and outputs as saved, with past/present folded to one ``{i}`` entry each."""
 
-    def describe(values) -> list[dict]:
+    def describe(values) -> list[TensorInfo]:
         out, seen = [], set()
         for v in values:
             name = interface_name(v.name)
             if name in seen:
                 continue
             seen.add(name)
-            shape = [d if isinstance(d, int) else str(d) for d in v.shape] if v.shape is not None else None
+            shape = tuple(d if isinstance(d, int) else str(d) for d in v.shape) if v.shape is not None else None
             dtype = str(np.dtype(v.dtype.numpy())) if v.dtype is not None else None
-            out.append({"name": name, "dtype": dtype, "shape": shape})
+            out.append(TensorInfo(name, dtype, shape))
         return out
 
-    return {"inputs": [TensorInfo.from_json(d) for d in describe(graph.inputs)],
-            "outputs": [TensorInfo.from_json(d) for d in describe(graph.outputs)]}
+    return {"inputs": describe(graph.inputs), "outputs": describe(graph.outputs)}
 
 
 def _rss_bytes() -> int:

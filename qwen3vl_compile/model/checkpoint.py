@@ -12,6 +12,7 @@ built without touching the text weights, and the text decoder is streamed layer 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -107,9 +108,9 @@ class Checkpoint:
         check_text_weights(ck)
         return ck
 
-    @property
+    @functools.cached_property
     def generation_config(self) -> dict:
-        """generation_config.json (sampling defaults, eos ids), or {} when there is none."""
+        """generation_config.json (sampling defaults, eos ids), or {} when there is none; read once."""
         f = self.path / "generation_config.json"
         return read_json_object(f, LoadError) if f.is_file() else {}
 

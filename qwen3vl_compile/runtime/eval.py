@@ -96,16 +96,27 @@ class SystemResult:
                 "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
                 "seconds_per_item": sum(self.seconds) / len(items)}
 
+    def subset(self, indices) -> "SystemResult":
+        """The same system's answers on the items at ``indices`` only."""
+        indices = list(indices)
+        return SystemResult(self.name, [self.predictions[i] for i in indices], [self.seconds[i] for i in indices])
 
-def run_bundle(pipe, items: list[EvalItem], max_new_tokens: int, progress=None) -> SystemResult:
+
+def answer_all(name: str, answer, items: list[EvalItem], progress=None) -> SystemResult:
+    """``answer(item) -> text`` on every item, timed, with progress."""
     preds, secs = [], []
     for i, it in enumerate(items):
         t = time.perf_counter()
-        preds.append(pipe.generate([str(p) for p in it.images], it.prompt, max_new_tokens=max_new_tokens).text)
+        preds.append(answer(it))
         secs.append(time.perf_counter() - t)
         if progress:
             progress(i + 1, len(items))
-    return SystemResult("bundle", preds, secs)
+    return SystemResult(name, preds, secs)
+
+
+def run_bundle(pipe, items: list[EvalItem], max_new_tokens: int, progress=None) -> SystemResult:
+    return answer_all("bundle", lambda it: pipe.generate([str(p) for p in it.images], it.prompt,
+                                                         max_new_tokens=max_new_tokens).text, items, progress)
 
 
 def run_reference(model: str, items: list[EvalItem], max_new_tokens: int, decode, progress=None) -> SystemResult:
@@ -124,14 +135,8 @@ def run_reference(model: str, items: list[EvalItem], max_new_tokens: int, decode
     except ImportError:  # pragma: no cover - transformers comes with the compile extra
         pass
     generate = make_hf_generate(resolve_model_source(model))
-    preds, secs = [], []
-    for i, it in enumerate(items):
-        t = time.perf_counter()
-        preds.append(decode(generate([str(p) for p in it.images], it.prompt, max_new_tokens)))
-        secs.append(time.perf_counter() - t)
-        if progress:
-            progress(i + 1, len(items))
-    return SystemResult("reference", preds, secs)
+    return answer_all("reference", lambda it: decode(generate([str(p) for p in it.images], it.prompt, max_new_tokens)),
+                      items, progress)
 
 
 def report(items: list[EvalItem], bundle: SystemResult, reference: SystemResult | None) -> dict:
