@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .buckets import DYNAMIC, parse_buckets
 from .config import GRAPH_KINDS, TARGETS, CompileConfig
-from .options import EMBEDDING_PRECISIONS, LOGITS_MODES, PRECISIONS, DecoderOptions
+from .options import DEFAULT_CONTEXT_LENGTH, EMBEDDING_PRECISIONS, LOGITS_MODES, MAX_THREADS, PRECISIONS, DecoderOptions
 from .cli_io import OneLineParser, run_cli
 from .parity import parity_summary
 
@@ -31,8 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, default=d.accuracy_level,
                    help=f"MatMulNBits accuracy_level (default {d.accuracy_level}: int8 compute)")
     p.add_argument("--keep-lm-head-fp", action="store_true", help="do not quantize lm_head in int4 mode")
-    p.add_argument("--context-length", type=int, default=d.context_length,
-                   help=f"KV cache / rotary table length (default {d.context_length})")
+    p.add_argument("--context-length", type=int, default=None,
+                   help=f"KV cache / rotary table length (default {DEFAULT_CONTEXT_LENGTH}, or the model's "
+                        "max_position_embeddings if smaller)")
     p.add_argument("--logits", default=d.logits, choices=LOGITS_MODES,
                    help=f"decoder logits for the last position only or all (default {d.logits})")
     p.add_argument("--embedding-precision", default=d.embedding_precision, choices=EMBEDDING_PRECISIONS,
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                         "included (adds the 'dynamic' vision graph when --buckets lacks it)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity gate (figures are then not measured)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--threads", type=int, default=0, help="threads for PyTorch and ONNX Runtime (0: library default)")
+    p.add_argument("--threads", type=int, default=0, help=f"threads for PyTorch and ONNX Runtime (0: library default; at most {MAX_THREADS})")
     p.add_argument("--cache-dir", type=Path, default=None, help="where presets are materialised")
     g = p.add_mutually_exclusive_group()
     g.add_argument("-v", "--verbose", action="store_true", default=None, help="show progress even when not on a terminal")
