@@ -13,6 +13,7 @@ from .buckets import DYNAMIC, parse_buckets
 from .config import GRAPH_KINDS, TARGETS, CompileConfig
 from .options import DEFAULT_CONTEXT_LENGTH, EMBEDDING_PRECISIONS, LOGITS_MODES, MAX_THREADS, PRECISIONS, DecoderOptions
 from .cli_io import OneLineParser, run_cli
+from .errors import UsageError
 from .parity import parity_summary
 
 
@@ -74,10 +75,18 @@ def _compile(argv: list[str]) -> int:
     if args.target == "ort-genai" and DYNAMIC not in [b.strip().lower() for b in buckets.split(",")]:
         # onnxruntime-genai sends every image size to one vision graph.
         buckets = f"{buckets},{DYNAMIC}"
+    try:
+        parsed = parse_buckets(buckets)
+    except UsageError:
+        # The same refusal again, its suggested sizes within this checkpoint's max_pixels.
+        max_pixels = _max_pixels(args.model, args.cache_dir)
+        if max_pixels:
+            parse_buckets(buckets, max_pixels=max_pixels)
+        raise
     cfg = CompileConfig(
         model=args.model,
         output=args.output,
-        buckets=parse_buckets(buckets),
+        buckets=parsed,
         decoder=DecoderOptions(
             precision=args.precision,
             block_size=args.block_size,
@@ -101,6 +110,21 @@ def _compile(argv: list[str]) -> int:
     manifest = compile_bundle(cfg)
     _print_summary(cfg, manifest)
     return 0
+
+
+def _max_pixels(model: str, cache_dir) -> int | None:
+    """The checkpoint's max_pixels (preprocessor_config.json), or None when it cannot be read
+    (the load stage reports that properly)."""
+    from .bundle.manifest import read_json_object
+    from .errors import Qwen3VLCompileError
+    from .model.checkpoint import resolve_model_source
+    from .runtime.preprocess import ProcessorConfig
+
+    try:
+        path = resolve_model_source(model, cache_dir=cache_dir)
+        return ProcessorConfig.from_dict(read_json_object(path / "preprocessor_config.json", UsageError)).max_pixels
+    except (Qwen3VLCompileError, OSError, ValueError, TypeError):
+        return None
 
 
 def _print_summary(cfg: CompileConfig, manifest: dict) -> None:

@@ -37,9 +37,11 @@ def resolve_model_source(spec: str, *, cache_dir: Path | None = None, log=None) 
     if is_preset(spec):
         try:
             return materialize_preset(spec, cache_dir, log=log)
-        except OSError as e:
-            where = e.filename or cache_dir or "the cache directory"
-            raise LoadError(f"cannot write the {spec!r} preset to {where}: {e.strerror or e} (set --cache-dir)") from None
+        except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError, or as a library's own error
+            # (safetensors' SafetensorError wraps the IoError); the half-built directory is already removed.
+            where = getattr(e, "filename", None) or cache_dir or "the cache directory"
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            raise LoadError(f"cannot write the {spec!r} preset to {where}: {reason} (set --cache-dir)") from None
     path = Path(spec).expanduser()
     if not path.exists():
         presets = ", ".join(sorted(PRESETS))
