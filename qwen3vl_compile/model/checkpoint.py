@@ -170,12 +170,14 @@ class Checkpoint:
         from ..runtime.chat import ChatFormatter, build_messages
 
         try:
-            ChatFormatter(self.path).render(build_messages("Describe the image.", 1))
-        except BundleError as e:
+            chat = ChatFormatter(self.path)
+        except BundleError as e:  # no chat template, no tokenizer.json
             raise LoadError(e.args[0]) from None
         except jinja2.TemplateSyntaxError as e:
             raise LoadError(f"{self.path}: the chat template has a syntax error at line {e.lineno}: {e.message}") from None
-        except Exception as e:  # a template can raise anything while rendering (TypeError, UndefinedError, ...)
+        try:
+            chat.render(build_messages("Describe the image.", 1))
+        except Exception as e:  # a template can raise anything (raise_exception, TypeError, UndefinedError, ...)
             raise LoadError(f"{self.path}: the chat template does not render a user turn with an image "
                             f"({type(e).__name__}: {e})") from None
 
