@@ -35,7 +35,7 @@ def inspect_bundle(root: Path) -> int:
     src = m.get("source", {})
     print(f"bundle     {Path(root).resolve()}")
     print(f"schema     {m['schema']} v{m['schema_version']}   created {m.get('created')}   manifest integrity {integrity}")
-    print(f"signature  {integrity_line(root)}")
+    print(integrity_line(root))
     print(f"tool       {m['tool']['name']} {m['tool']['version']}; " + ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items() if v))
     print(f"source     {src.get('model')} ({src.get('architecture')}), config sha256 {str(src.get('config_sha256'))[:16]}")
     print(f"options    " + ", ".join(f"{k}={v}" for k, v in m.get("options", {}).items()))

@@ -87,6 +87,7 @@ class Pipeline:
             from ..bundle.signing import verify as verify_signature
 
             verify_signature(Path(root), public_key)
+            skip_hash_check = True  # every file was just hashed against the signed list
         manifest = open_checked(Path(root), skip_hash_check=skip_hash_check)
         return cls(Path(root), manifest, threads=threads, on_miss=on_miss)
 
