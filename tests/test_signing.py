@@ -4,6 +4,7 @@ change too. Round trip on a copy of the shared text-only bundle: sign, verify, c
 byte of a weight file and rehash the manifest (the hash checks are fooled, the signature is
 not), the wrong public key, and an unsigned bundle saying so."""
 
+import base64
 import importlib.util
 import json
 import shutil
@@ -104,6 +105,18 @@ def test_sign_verify_tamper_and_wrong_key(copy, keys, capsys):
     assert weight in err and "manifest.json" in err
     with pytest.raises(BundleError, match="changed since signing"):
         Pipeline.load(copy, public_key=pub_a)
+
+    # ... and the signed list edited to match too: the signature no longer verifies.
+    sig = json.loads((copy / SIGNATURE).read_text())
+    payload = json.loads(base64.b64decode(sig["dsseEnvelope"]["payload"]))
+    for r in payload["predicate"]["resources"]:
+        if r["name"] in (weight, "manifest.json"):
+            r["digest"] = sha256_file(copy / r["name"])
+    sig["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(payload, indent=2).encode()).decode()
+    (copy / SIGNATURE).write_text(json.dumps(sig))
+    rc, out, err = _cli(capsys, "verify", copy, "--public-key", pub_a)
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert f"signature check failed: {SIGNATURE} does not verify with {pub_a} (InvalidSignature: its signed file list was altered" in err
 
 
 @needs_sign

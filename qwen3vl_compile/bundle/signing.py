@@ -160,6 +160,8 @@ def verify(bundle_dir, public_key) -> str:
         raise BundleError(f"{root}: signature check failed: {SIGNATURE} is invalid ({_first_line(text)})") from None
     except Exception as e:  # cryptography's InvalidSignature (forged or damaged), a malformed file
         what = type(e).__name__ + (f": {_first_line(str(e))}" if str(e) else "")
+        if type(e).__name__ == "InvalidSignature":
+            what = "InvalidSignature: its signed file list was altered, or it is damaged"
         raise BundleError(f"{root}: signature check failed: {SIGNATURE} does not verify with {pub} ({what})") from None
     kid = key_id(root)
     return f"integrity: signed ({SIGNATURE}, verified with {pub}" + (f", key sha256 {kid[:16]}" if kid else "") + ")"
