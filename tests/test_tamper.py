@@ -76,7 +76,7 @@ def test_dropped_chat_template_is_not_read_and_fails_verify(text_copy, capsys):
                                               "{% endfor %}<|im_start|>assistant\n")
     rc, out, err = _run(capsys, "verify", str(root))
     assert rc == 1 and "chat_template.jinja" in out
-    _one_error_line(err, "verify")
+    _one_error_line(err, "verify", "[verify]")
     assert "chat_template.jinja" in err
     assert _answer(root) == before  # the runtime never read it
 
@@ -86,7 +86,7 @@ def test_any_unknown_file_fails_verify(text_copy, capsys, name):
     (text_copy / name).write_text("mine")
     rc, out, err = _run(capsys, "verify", str(text_copy))
     assert rc == 1 and f"UNKNOWN  {name}" in out
-    _one_error_line(err, "verify")
+    _one_error_line(err, "verify", "[verify]")
 
 
 # -- (b) tolerances from the tool's table, not from the manifest -------------------------
