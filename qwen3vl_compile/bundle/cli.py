@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BundleError, VerifyError
-from ..options import whole_number
+from ..options import check_threads
 from ..parity import parity_summary
 
 
@@ -66,7 +66,7 @@ def verify_bundle(root: Path, *, threads: int = 0) -> int:
     from ..runtime.session import ort_session
     from .goldens import check_golden, check_interface, check_text_golden, table_tolerance
 
-    whole_number(threads, "--threads", 0)
+    check_threads(threads)
     m = load_manifest(root)
     check_manifest_integrity(root, m)
     problems = check_files(root, m)
@@ -170,8 +170,6 @@ def _main(argv: list[str]) -> int:
     if argv[0] == "verify":
         p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv[1:])
-    if argv[0] == "verify":
-        whole_number(args.threads, "--threads", 0)
     if argv[0] == "inspect":
         return inspect_bundle(args.bundle)
     return verify_bundle(args.bundle, threads=args.threads)
