@@ -10,13 +10,15 @@ manifest is assembled once, at the end, from those:
               Face in fp32 (whole depth, or a slice of the first layers for large models)
 5. genai      ``--target ort-genai``: wrappers and configs onnxruntime-genai loads, checked
 6. recheck    every golden rerun on the files as they will ship
-7. write      fallback weights, assets, manifest with hashes; atomic move into place
+7. write      fallback weights, assets, the text golden (golden/text.json), manifest with
+              hashes; atomic move into place
 
 Parity failures of stages 2-5 are collected and reported together; nothing is written then.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import shutil
 from pathlib import Path
@@ -25,7 +27,9 @@ from .bundle.writer import STAGING_MARKER, BundleWriter
 from .model.checkpoint import Checkpoint, resolve_model_source
 from .config import CompileConfig
 from .errors import LoadError, UsageError, VerifyError, WriteError
+from .bundle.goldens import write_text_golden
 from .bundle.manifest import assemble, hash_files, write_manifest
+from .bundle.signing import check_signing_key, sign as sign_bundle
 from .bundle.records import GoldenRef, GraphEntry, ParityRecord, StageResult
 from .presets import is_preset
 from .progress import Progress
@@ -56,6 +60,8 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
     protected = [model_dir] if not is_preset(cfg.model) and model_dir.is_dir() else []
     writer = BundleWriter(cfg.output, force=cfg.force, protected=protected, log=progress.log)
     writer.check_target()  # fail before any expensive work
+    if cfg.sign_key is not None:
+        check_signing_key(cfg.sign_key)
     check_upstream()
 
     with progress.stage("load"):
@@ -63,7 +69,9 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
         writer.protect(path)
         ck = Checkpoint.open(path)
         ck.check_tokenizer()
+        ck.check_chat()
         _check_bucket_geometry(ck, cfg)
+        cfg = _resolve_context_length(ck, cfg, progress)
         if "decoder" in cfg.graphs:
             check_build_options(ck.config, cfg.decoder.precision, cfg.decoder.block_size)
         source = {
@@ -107,11 +115,16 @@ def _build(ck: Checkpoint, cfg: CompileConfig, source: dict, generation: dict, w
                 src = ck.path / name
                 if src.is_file():
                     shutil.copy2(src, staging / name)
+            # The text side's golden, computed by the runtime's code from the files just copied.
+            result.sections["text_golden"] = write_text_golden(staging, ck.preprocessor)
             manifest = assemble(command=list(cfg.command), source=source, options=cfg.options_json(),
                                 processor=ck.preprocessor, generation=generation, result=result,
                                 timings=progress.timings, peak_rss_bytes=peak_rss_bytes())
             hash_files(staging, manifest, exclude=(STAGING_MARKER,))
             write_manifest(staging, manifest)
+            if cfg.sign_key is not None:  # signed in staging: a signed bundle appears at once
+                (staging / STAGING_MARKER).unlink(missing_ok=True)  # the signature covers only the bundle
+                sign_bundle(staging, cfg.sign_key, check=False)
         writer.commit()
     return manifest
 
@@ -348,9 +361,24 @@ def _check_bucket_geometry(ck: Checkpoint, cfg: CompileConfig) -> None:
             raise UsageError(f"--buckets {b.name}: exporting it needs about {need / 2**30:.0f} GiB for attention alone, "
                              f"more than this machine's {avail / 2**30:.0f} GiB available")
     max_pos = ck.text_config.get("max_position_embeddings")
-    context = cfg.decoder.context_length
-    if "decoder" in cfg.graphs and max_pos and context > max_pos:
+    context = cfg.decoder.context_length  # None: the default, which adapts (see _resolve_context_length)
+    if "decoder" in cfg.graphs and max_pos and context is not None and context > max_pos:
         raise UsageError(f"--context-length {context}: above the model's max_position_embeddings {max_pos}")
+
+
+def _resolve_context_length(ck: Checkpoint, cfg: CompileConfig, progress: Progress) -> CompileConfig:
+    """The default context length (none given) becomes a number: DEFAULT_CONTEXT_LENGTH, or the
+    model's max_position_embeddings when that is smaller, which is then said."""
+    from .options import DEFAULT_CONTEXT_LENGTH
+
+    if cfg.decoder.context_length is not None:
+        return cfg
+    max_pos = ck.text_config.get("max_position_embeddings")
+    context = cfg.decoder.context_for(max_pos)
+    if context < DEFAULT_CONTEXT_LENGTH:
+        progress.log(f"context length {context}: the model's max_position_embeddings (the default "
+                     f"{DEFAULT_CONTEXT_LENGTH} is above it; --context-length sets another)")
+    return dataclasses.replace(cfg, decoder=cfg.decoder.replace(context_length=context))
 
 
 def _quiet_libraries(verbose: bool) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -79,14 +78,16 @@ def available_memory() -> int | None:
 
 
 class Engine:
-    def __init__(self, root: Path, manifest: dict, options: EngineOptions = EngineOptions(), *, log=None):
-        self.root = Path(root)
+    def __init__(self, files, manifest: dict, options: EngineOptions = EngineOptions(), *, log=None):
+        """``files``: the bundle's BundleFiles (only the files its manifest lists are opened)."""
+        self.files = files
+        self.root = files.root
         self.options = options
         self._log = log or (lambda msg: None)
         graphs = manifest.get("graphs", {})
         for needed in ("embedding", "decoder"):
             if needed not in graphs:
-                raise BundleError(f"{root}: the bundle has no {needed} graph (compiled with --graphs?)")
+                raise BundleError(f"{self.root}: the bundle has no {needed} graph (compiled with --graphs?)")
         unknown = [p for p in options.providers if p not in _available_providers()]
         if unknown:
             raise RuntimeInputError(f"execution provider {unknown[0]!r} is not in this onnxruntime "
@@ -101,12 +102,12 @@ class Engine:
                                     "(its rotary table)", stage="engine")
         self.max_length = max_length
         self.max_batch = options.max_batch
-        self.embedding = self.session(self.root / graphs["embedding"]["file"])
-        decoder_file = self.root / graphs["decoder"]["file"]
+        self.embedding = self.session(files.path(graphs["embedding"]["file"]))
+        decoder_file = files.path(graphs["decoder"]["file"])
         session = self.session(decoder_file)
         self._check_pool(session)
         self.pool = DecoderPool(decoder_file, max_batch=self.max_batch, max_length=max_length, session=session)
-        self.vision = VisionEncoder(self.root, manifest, self.session, on_miss=options.on_miss)
+        self.vision = VisionEncoder(files, manifest, self.session, on_miss=options.on_miss)
         self._no_images = (np.zeros((0, self.hidden), np.float32), np.zeros((self.levels, 0, self.hidden), np.float32))
 
     def session(self, path):

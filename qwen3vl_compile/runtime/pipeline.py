@@ -19,16 +19,17 @@ from typing import Sequence
 import numpy as np
 
 from ..bundle.check import open_checked
-from ..options import whole_number
+from ..bundle.manifest import BundleFiles
+from ..options import check_threads, whole_number
 from ..errors import RuntimeInputError
-from .chat import ChatFormatter
 from .engine import Engine, EngineOptions
-from .preprocess import ProcessorConfig, load_image, preprocess
+from .preprocess import load_image, preprocess
 from .request import GenerationResult, Prepared
 from .request import Sequence as RequestSequence
 from .rope_index import get_rope_index
 from .sampling import Sampler, SamplingConfig
 from .scheduler import Scheduler
+from .text_side import TextSide
 from .vision import nearest_bucket
 
 
@@ -41,21 +42,20 @@ class Pipeline:
 
     def __init__(self, root: Path, manifest: dict, *, threads: int = 0, on_miss: str = "fallback",
                  max_batch: int = 1, max_length: int | None = None, providers=("CPUExecutionProvider",), log=None):
+        check_threads(threads, "threads", RuntimeInputError)
         options = EngineOptions(threads=threads, providers=providers, max_batch=max_batch, max_length=max_length,
                                 on_miss=on_miss)
         self.root = Path(root)
         self.manifest = manifest
         self.options = options
-        self.config = json.loads((self.root / "config.json").read_text())
-        self.processor = ProcessorConfig.from_dict(manifest.get("processor") or {})
-        self.chat = ChatFormatter(self.root)
-        # The bundle's config.json names the vision tokens; else its tokenizer does.
-        self.image_token_id = self.config.get("image_token_id") or self.chat.tokenizer.token_to_id("<|image_pad|>")
-        self.video_token_id = self.config.get("video_token_id") or self.chat.tokenizer.token_to_id("<|video_pad|>")
-        self.merge = self.config.get("vision_config", {}).get("spatial_merge_size", 2)
+        # Every file is read through the manifest's list: a file it does not list is never opened.
+        self.files = BundleFiles.of_manifest(self.root, manifest)
+        text = TextSide.load(self.files, manifest.get("processor") or {})
+        self.config, self.processor, self.chat = text.config, text.processor, text.chat
+        self.image_token_id, self.video_token_id, self.merge = text.image_token_id, text.video_token_id, text.merge
         # Never generated (see Sampler): the image/video pads and <|vision_pad|>.
         self.placeholder_ids = {self.image_token_id, self.video_token_id, self.chat.tokenizer.token_to_id("<|vision_pad|>")}
-        self.engine = Engine(self.root, manifest, options, log=log)
+        self.engine = Engine(self.files, manifest, options, log=log)
         self.context_length = self.engine.max_length
         self.hidden = self.engine.hidden
         self.levels = self.engine.levels
@@ -64,7 +64,18 @@ class Pipeline:
 
     @classmethod
     def load(cls, root, *, threads: int = 0, on_miss: str = "fallback", skip_hash_check: bool = False,
-             max_batch: int = 1, max_length: int | None = None, providers=("CPUExecutionProvider",), log=None) -> "Pipeline":
+             public_key=None, max_batch: int = 1, max_length: int | None = None,
+             providers=("CPUExecutionProvider",), log=None) -> "Pipeline":
+        """``public_key``: a PEM public key; the bundle must then carry a valid signature by its
+        private key (``qwen3vl-compile sign``), checked before anything else is read.
+        ``max_batch`` requests decode together (the KV pool's slots, of ``max_length`` tokens,
+        default the bundle's context length); ``log`` receives the pool's size."""
+        check_threads(threads, "threads", RuntimeInputError)  # before any hashing
+        if public_key is not None:
+            from ..bundle.signing import verify as verify_signature
+
+            verify_signature(Path(root), public_key)
+            skip_hash_check = True  # every file was just hashed against the signed list
         manifest = open_checked(Path(root), skip_hash_check=skip_hash_check)
         return cls(Path(root), manifest, threads=threads, on_miss=on_miss, max_batch=max_batch, max_length=max_length,
                    providers=providers, log=log)
