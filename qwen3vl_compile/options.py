@@ -9,6 +9,7 @@ the same name with underscores.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 from .errors import UsageError
 
@@ -26,9 +27,9 @@ MIN_CONTEXT_LENGTH = 64
 
 
 def whole_number(value, name: str, minimum: int, error: type[Exception] = UsageError) -> None:
-    """The one check of a whole-number option (compile and run alike): an int (not a bool)
-    of at least ``minimum``; else ``error`` naming the option and the value."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """The one check of a whole-number option (compile and run alike): an int or a numpy
+    integer (not a bool) of at least ``minimum``; else ``error`` naming the option and the value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise error(f"{name} must be a whole number >= {minimum}, got {value!r}")
 
 

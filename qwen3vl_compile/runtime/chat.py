@@ -154,8 +154,16 @@ class ChatFormatter:
         root = Path(root)
         if not (root / "tokenizer.json").is_file():
             raise BundleError(f"{root}: no tokenizer.json")
-        self.tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
-        self.template = _environment().from_string(load_chat_template(root))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise BundleError(f"{root / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
+        try:
+            self.template = _environment().from_string(load_chat_template(root))
+        except Exception as e:  # jinja2.TemplateSyntaxError
+            if isinstance(e, BundleError):
+                raise
+            raise BundleError(f"{root}: the chat template does not parse ({e})") from None
         config = _read_json(root / "tokenizer_config.json")
         self.special_tokens = {k: _token_text(config[k]) for k in SPECIAL_TOKEN_NAMES if config.get(k) is not None}
         self.image_pad_id = self._require_id(IMAGE_PAD)

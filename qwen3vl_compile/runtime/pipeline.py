@@ -12,7 +12,7 @@ and transformers are imported only when an image takes the PyTorch fallback.
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -20,12 +20,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..bundle.check import open_checked
+from ..bundle.manifest import read_json_object
 from ..options import whole_number
 from .session import ort_session
 from ..errors import BundleError, GenerationError, RuntimeInputError
 from .chat import ChatFormatter
 from .decoder_session import DecoderSession
-from .preprocess import ProcessorConfig, load_image, preprocess
+from .preprocess import ProcessorConfig, grid_for_size, image_size, load_image, preprocess
 from .rope_index import decode_positions, get_rope_index
 from .sampling import Sampler, SamplingConfig
 from .vision import VisionEncoder, nearest_bucket
@@ -38,7 +39,7 @@ class GenerationResult:
     prompt_tokens: int
     images: list[dict]
     timings: dict[str, float]
-    stopped: str  # "stop_token" | "max_new_tokens" | "context"
+    stopped: str  # "stop_token" | "max_new_tokens" | "context" | "closed" (a stream closed early)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -47,6 +48,7 @@ class GenerationResult:
 class Pipeline:
     def __init__(self, root: Path, manifest: dict, *, threads: int = 0, on_miss: str = "fallback"):
         whole_number(threads, "threads", 0, RuntimeInputError)
+        threads = int(threads)  # a numpy integer too
 
         self.root = Path(root)
         self.manifest = manifest
@@ -55,18 +57,27 @@ class Pipeline:
         for needed in ("embedding", "decoder"):
             if needed not in graphs:
                 raise BundleError(f"{root}: the bundle has no {needed} graph (compiled with --graphs?)")
-        self.config = json.loads((self.root / "config.json").read_text())
+        # Read even when --skip-hash-check let a damaged file through: one [bundle] line each.
+        self.config = read_json_object(self.root / "config.json", BundleError)
         self.processor = ProcessorConfig.from_dict(manifest.get("processor") or {})
         self.chat = ChatFormatter(self.root)
         # The bundle's config.json names the vision tokens; else its tokenizer does.
-        self.image_token_id = self.config.get("image_token_id") or self.chat.tokenizer.token_to_id("<|image_pad|>")
-        self.video_token_id = self.config.get("video_token_id") or self.chat.tokenizer.token_to_id("<|video_pad|>")
-        self.merge = self.config.get("vision_config", {}).get("spatial_merge_size", 2)
+        try:
+            self.image_token_id = self.config.get("image_token_id") or self.chat.tokenizer.token_to_id("<|image_pad|>")
+            self.video_token_id = self.config.get("video_token_id") or self.chat.tokenizer.token_to_id("<|video_pad|>")
+            self.merge = int(self.config.get("vision_config", {}).get("spatial_merge_size", 2))
+        except (AttributeError, TypeError, ValueError) as e:
+            raise BundleError(f"{self.root / 'config.json'}: not a Qwen3-VL config ({e})") from None
         # Never generated (see Sampler): the image/video pads and <|vision_pad|>.
         self.placeholder_ids = {self.image_token_id, self.video_token_id, self.chat.tokenizer.token_to_id("<|vision_pad|>")}
 
         def session(path):
-            return ort_session(path, threads)
+            try:
+                return ort_session(path, threads)
+            except Exception as e:  # onnxruntime's own types (InvalidProtobuf, Fail, ...)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({first}); the file is damaged: "
+                                  "run `qwen3vl-compile verify` on the bundle") from None
 
         self._session = session
         self.embedding = session(self.root / graphs["embedding"]["file"])
@@ -80,6 +91,8 @@ class Pipeline:
 
     @classmethod
     def load(cls, root, *, threads: int = 0, on_miss: str = "fallback", skip_hash_check: bool = False) -> "Pipeline":
+        if not isinstance(root, (str, os.PathLike)):
+            raise RuntimeInputError(f"Pipeline.load needs the bundle directory (a str or path), got {type(root).__name__}")
         manifest = open_checked(Path(root), skip_hash_check=skip_hash_check)
         return cls(Path(root), manifest, threads=threads, on_miss=on_miss)
 
@@ -98,12 +111,39 @@ class Pipeline:
         stream: bool = False,
     ):
         images = _check_api_inputs(images, prompt, system, max_new_tokens)
-        gen = self._generate(images, prompt, system, max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed))
+        self.last_result = None  # this call's, once it ends (a stream closed early: what it had)
+        gen = self._generate(images, prompt, system, int(max_new_tokens), SamplingConfig(temperature, top_k, top_p, seed))
         if stream:
             return gen
         for _ in gen:
             pass
         return self.last_result
+
+    def check_request(self, images: Sequence = (), prompt: str = "", system: str | None = None) -> int:
+        """The checks that need no model work: every image's header (readable, not too small
+        or thin: the pixels are not decoded) and the prompt's token count with the image
+        tokens those sizes give, against the bundle's context. Returns that token count."""
+        images = _check_api_inputs(images, prompt, system, 1)
+        counts = [self._header_tokens(image) for image in images]
+        return self._check_context(self.chat.encode(prompt, counts, system))
+
+    def _header_tokens(self, image) -> int:
+        """Image tokens of ``image`` from its size alone (an exact count, or in ``fit`` mode
+        for a size with no bucket, the smaller of its two orientations' buckets)."""
+        height, width = image_size(image)
+        grid = grid_for_size(height, width, self.processor)
+        if self.vision.bucket_for_grid(grid) is None and self.vision.on_miss == "fit" and self.vision.buckets:
+            grids = [nearest_bucket(self.vision.buckets, h, w).grid_thw for h, w in ((height, width), (width, height))]
+            return min(_tokens(g, self.processor.merge_size) for g in grids)
+        return _tokens(grid, self.processor.merge_size)
+
+    def _check_context(self, input_ids) -> int:
+        n_prompt = input_ids.shape[1]
+        if n_prompt >= self.context_length:  # refused before any vision work
+            raise RuntimeInputError(
+                f"prompt with image tokens is {n_prompt} tokens, longer than the bundle's context of {self.context_length}"
+            )
+        return n_prompt
 
     # -- steps ------------------------------------------------------------------------
     def _preprocess_images(self, images) -> tuple[list, list[dict], dict]:
@@ -136,13 +176,13 @@ class Pipeline:
     def _generate(self, images, prompt: str, system, max_new_tokens: int, sampling: SamplingConfig) -> Iterator[str]:
         t_start = time.perf_counter()
         sampler = Sampler(sampling, banned=self.placeholder_ids)
-        processed, image_info, timings = self._preprocess_images(list(images))
+        images = list(images)
+        # From the image headers first: an image too big for the context is refused before
+        # its pixels are decoded (a 13000x13000 PNG is 500 MB of them).
+        self._check_context(self.chat.encode(prompt, [self._header_tokens(i) for i in images], system))
+        processed, image_info, timings = self._preprocess_images(images)
         input_ids = self.chat.encode(prompt, [p.num_tokens for p in processed], system)
-        n_prompt = input_ids.shape[1]
-        if n_prompt >= self.context_length:  # refused before any vision work
-            raise RuntimeInputError(
-                f"prompt with image tokens is {n_prompt} tokens, longer than the bundle's context of {self.context_length}"
-            )
+        n_prompt = self._check_context(input_ids)
         encoded = self._encode_images(processed, image_info, timings)
         n_pads = int((input_ids == self.image_token_id).sum())
         n_rows = sum(r.image_features.shape[0] for _, r in encoded)
@@ -170,6 +210,31 @@ class Pipeline:
         stopped = "max_new_tokens" if budget == max_new_tokens else "context"
         t_dec = time.perf_counter()
         no_images = (np.zeros((0, self.hidden), np.float32), np.zeros((self.levels, 0, self.hidden), np.float32))
+
+        def finish(stopped: str) -> None:
+            decode_s = time.perf_counter() - t_dec
+            timings["decode_s"] = decode_s
+            timings["decode_tokens_per_s"] = (len(out_ids) - 1) / decode_s if len(out_ids) > 1 and decode_s > 0 else 0.0
+            timings["total_s"] = time.perf_counter() - t_start
+            self.last_result = GenerationResult(
+                text=self.chat.decode(out_ids),
+                token_ids=list(out_ids),
+                prompt_tokens=n_prompt,
+                images=image_info,
+                timings={k: round(v, 4) for k, v in timings.items()},
+                stopped=stopped,
+            )
+
+        try:
+            hit_stop_token = yield from self._decode_loop(logits, sampler, stream, out_ids, budget, rope_deltas, no_images)
+        except GeneratorExit:  # the caller closed the stream: last_result is what it had
+            finish("closed")
+            raise
+        finish("stop_token" if hit_stop_token else stopped)
+
+    def _decode_loop(self, logits, sampler, stream, out_ids: list[int], budget: int, rope_deltas, no_images):
+        """Yield text pieces, appending to ``out_ids``; return whether a stop token ended it."""
+        hit_stop_token = False
         while True:
             if not np.isfinite(logits[0, -1]).all():
                 raise GenerationError(
@@ -177,7 +242,7 @@ class Pipeline:
                     "(files changed after compile, or an overflow): run `qwen3vl-compile verify` on it")
             token = sampler(logits[0, -1])
             if token in self.chat.stop_ids:
-                stopped = "stop_token"
+                hit_stop_token = True
                 break
             out_ids.append(token)
             piece = stream.push(token)
@@ -194,18 +259,7 @@ class Pipeline:
         tail = stream.finish()
         if tail:
             yield tail
-        decode_s = time.perf_counter() - t_dec
-        timings["decode_s"] = decode_s
-        timings["decode_tokens_per_s"] = (len(out_ids) - 1) / decode_s if len(out_ids) > 1 and decode_s > 0 else 0.0
-        timings["total_s"] = time.perf_counter() - t_start
-        self.last_result = GenerationResult(
-            text=self.chat.decode(out_ids),
-            token_ids=out_ids,
-            prompt_tokens=n_prompt,
-            images=image_info,
-            timings={k: round(v, 4) for k, v in timings.items()},
-            stopped=stopped,
-        )
+        return hit_stop_token
 
 
 def _check_api_inputs(images, prompt, system, max_new_tokens) -> list:
@@ -214,8 +268,27 @@ def _check_api_inputs(images, prompt, system, max_new_tokens) -> list:
         raise RuntimeInputError(f"images must be a list (or tuple) of paths, PIL images or arrays, got "
                                 f"{type(images).__name__}; for one image write images=[...]")
     if not isinstance(prompt, str):
-        raise RuntimeInputError(f"prompt must be a string, got {type(prompt).__name__}")
+        hint = " (decode the bytes first: prompt=data.decode('utf-8'))" if isinstance(prompt, (bytes, bytearray)) else ""
+        raise RuntimeInputError(f"prompt must be a string, got {type(prompt).__name__}{hint}")
     if system is not None and not isinstance(system, str):
         raise RuntimeInputError(f"system must be a string or None, got {type(system).__name__}")
+    for name, text in (("prompt", prompt), ("system prompt", system or "")):
+        check_text(text, name)
     whole_number(max_new_tokens, "max_new_tokens", 1, RuntimeInputError)
     return list(images)
+
+
+def check_text(text: str, name: str) -> None:
+    """Refuse text that is not valid Unicode: a command-line argument holding bytes that are
+    not UTF-8 arrives as lone surrogates (U+DC80..U+DCFF), as does a JSON "\\ud800"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        what = f"the byte 0x{ord(bad) - 0xDC00:02x}, not UTF-8" if 0xDC80 <= ord(bad) <= 0xDCFF else f"a lone surrogate U+{ord(bad):04X}"
+        raise RuntimeInputError(f"the {name} is not valid UTF-8 text: character {e.start} is {what}") from None
+
+
+def _tokens(grid_thw, merge_size: int) -> int:
+    t, h, w = (int(v) for v in grid_thw)
+    return t * h * w // merge_size**2
