@@ -131,7 +131,12 @@ class Pipeline:
         """Image tokens of ``image`` from its size alone (an exact count, or in ``fit`` mode
         for a size with no bucket, the smaller of its two orientations' buckets)."""
         height, width = image_size(image)
-        grid = grid_for_size(height, width, self.processor)
+        try:
+            grid = grid_for_size(height, width, self.processor)
+        except RuntimeInputError as e:  # too small or too thin: name the file
+            if isinstance(image, (str, os.PathLike)):
+                raise RuntimeInputError(f"{str(image)!r}: {e.args[0]}") from None
+            raise
         if self.vision.bucket_for_grid(grid) is None and self.vision.on_miss == "fit" and self.vision.buckets:
             grids = [nearest_bucket(self.vision.buckets, h, w).grid_thw for h, w in ((height, width), (width, height))]
             return min(_tokens(g, self.processor.merge_size) for g in grids)
