@@ -20,3 +20,17 @@ def swap_mrope_streams(model):
         if node.op_type == "MRotaryEmbedding":
             node.replace_input_with(1, gather.outputs[0])
     return model
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width`` x ``height`` but whose pixel data is a few bytes:
+    what decoding it would find is "truncated", so a refusal naming the size proves that the
+    size was read from the header and the pixels were never decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")

@@ -9,16 +9,16 @@ import io
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from planted import png_header
 
 from qwen3vl_compile.bundle.cli import main as bundle_main
 from qwen3vl_compile.cli import main as compile_main
@@ -74,17 +74,6 @@ def test_compile_refuses_bad_arguments(tmp_path, capsys, args, code, needle):
 def test_compile_into_an_unwritable_place(capsys):
     rc = compile_main(["--model", "tiny-random", "--graphs", "embedding", "-o", "/proc/qwen3vl-out", "-q"])
     _one_line(capsys, 1, rc, "[write] cannot create a staging directory in /proc")
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG whose header says ``width`` x ``height`` but whose pixel data is a few bytes:
-    what decoding it would find is "truncated", so a refusal naming the size proves that the
-    size was read from the header and the pixels were never decoded."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
