@@ -127,7 +127,10 @@ def run_cli(main: Callable[[], int], prog: str, *, interrupted: str = "interrupt
         try:
             try:
                 code = main()
-                sys.stdout.flush()
+                try:
+                    sys.stdout.flush()
+                except OutputError as e:  # only the final flush failed: a compiled bundle is complete
+                    raise OutputError(f"{e.args[0]} (the work itself finished; only this report was lost)") from None
                 return code
             except OutputError as e:
                 _silence_stdout(saved[0])

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..bundle.check import open_checked
 from ..bundle.manifest import read_json_object
-from ..options import whole_number
+from ..options import check_threads, whole_number
 from .session import ort_session
 from ..errors import BundleError, GenerationError, RuntimeInputError
 from .chat import ChatFormatter
@@ -47,7 +47,7 @@ class GenerationResult:
 
 class Pipeline:
     def __init__(self, root: Path, manifest: dict, *, threads: int = 0, on_miss: str = "fallback"):
-        whole_number(threads, "threads", 0, RuntimeInputError)
+        check_threads(threads, "threads", RuntimeInputError)
         threads = int(threads)  # a numpy integer too
 
         self.root = Path(root)
@@ -93,6 +93,7 @@ class Pipeline:
     def load(cls, root, *, threads: int = 0, on_miss: str = "fallback", skip_hash_check: bool = False) -> "Pipeline":
         if not isinstance(root, (str, os.PathLike)):
             raise RuntimeInputError(f"Pipeline.load needs the bundle directory (a str or path), got {type(root).__name__}")
+        check_threads(threads, "threads", RuntimeInputError)  # before any hashing
         manifest = open_checked(Path(root), skip_hash_check=skip_hash_check)
         return cls(Path(root), manifest, threads=threads, on_miss=on_miss)
 
