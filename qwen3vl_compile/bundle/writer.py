@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..errors import UsageError, WriteError
 from .manifest import MANIFEST, SCHEMA
+from .signing import SIGNATURE
 
 # The marker file inside a staging directory: {"tool", "pid", "created"}. Removed before the
 # bundle is hashed and moved into place, so no bundle carries it.
@@ -55,7 +56,7 @@ def bundle_problem(path: Path) -> str | None:
         return f"its {MANIFEST} is not readable JSON"
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         return f"its {MANIFEST} is not a qwen3vl-compile manifest"
-    known = set(manifest.get("files") or {}) | {MANIFEST}
+    known = set(manifest.get("files") or {}) | {MANIFEST, SIGNATURE}
     for p in sorted(path.rglob("*")):
         rel = p.relative_to(path).as_posix()
         if (p.is_file() or p.is_symlink()) and rel not in known:
