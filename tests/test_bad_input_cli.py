@@ -177,7 +177,7 @@ def _damaged_copy(bundle, dest: Path, name: str, damage: str) -> Path:
     ("decoder.onnx.data", "truncated", "decoder.onnx: ONNX Runtime cannot load this graph"),
     ("embedding.onnx", "truncated", "embedding.onnx: ONNX Runtime cannot load this graph"),
     ("tokenizer.json", "garbage", "tokenizer.json: not a readable tokenizer"),
-    ("config.json", "garbage", "config.json: unreadable"),
+    ("config.json", "garbage", "config.json: not readable JSON"),
 ])
 def test_skip_hash_check_with_damaged_files(bundle, tmp_path, capsys, name, damage, needle):
     """--skip-hash-check lets a changed file through; loading it is still one [bundle] line."""

@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 
 from ..errors import UsageError, WriteError
-from .manifest import MANIFEST, SCHEMA
-from .signing import SIGNATURE
+from .manifest import MANIFEST, SCHEMA, SIGNATURE
 
 # The marker file inside a staging directory: {"tool", "pid", "created"}. Removed before the
 # bundle is hashed and moved into place, so no bundle carries it.
