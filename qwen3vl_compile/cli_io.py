@@ -1,7 +1,11 @@
 """What every command-line entry point does around its work: a typed error is one line
 (``PROG: error: [stage] ...``) and its exit code, Ctrl-C is exit 130, text that cannot be
 encoded for the terminal (``PYTHONIOENCODING=ascii``) is escaped rather than raising, and
-output piped into a command that closed early (``| head``, ``| true``) is not an error of ours."""
+output piped into a command that closed early (``| head``, ``| true``) is not an error of ours.
+
+Standard output that cannot be written (closed with ``>&-``, ``> /dev/full``) is an
+``[output]`` error on stderr, exit 1. Nothing meant for stderr ever goes to stdout: with stderr
+closed (``2>&-``) errors and progress are dropped and only the exit code tells."""
 
 from __future__ import annotations
 
@@ -10,7 +14,93 @@ import os
 import sys
 from typing import Callable
 
-from .errors import Qwen3VLCompileError
+from .errors import OutputError, Qwen3VLCompileError
+
+
+class _Stdout:
+    """sys.stdout for the length of a command: a write or flush that fails (a closed stdout,
+    ``/dev/full``) is an OutputError; a closed pipe stays a BrokenPipeError."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _fail(self, why: str):
+        raise OutputError(f"cannot write to standard output: {why}")
+
+    def write(self, text):
+        if self._stream is None:
+            self._fail("it is closed")
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            self._fail(e.strerror or str(e))
+
+    def flush(self):
+        if self._stream is None:
+            return
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            self._fail(e.strerror or str(e))
+
+    def isatty(self):
+        return self._stream is not None and self._stream.isatty()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+class _Stderr:
+    """sys.stderr for the length of a command: what cannot be written (stderr closed with
+    ``2>&-``, or full) is dropped, never sent to stdout and never an error of its own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text) if self._stream is not None else len(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self):
+        try:
+            if self._stream is not None:
+                self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def isatty(self):
+        try:
+            return self._stream is not None and self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _silence_stdout(stream) -> None:
+    """Point fd 1 at /dev/null (when ``stream`` is the process's own stdout) so that the
+    interpreter's final flush of what is still buffered does not fail again (and print
+    "Exception ignored") once we have given up on stdout."""
+    if stream is not sys.__stdout__:  # captured or replaced (tests): leave fd 1 alone
+        return
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        if fd != 1:
+            os.dup2(fd, 1)
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def run_cli(main: Callable[[], int], prog: str, *, interrupted: str = "interrupted") -> int:
@@ -18,49 +108,46 @@ def run_cli(main: Callable[[], int], prog: str, *, interrupted: str = "interrupt
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(errors="backslashreplace")
-        except (AttributeError, ValueError):  # not a TextIOWrapper (captured in tests)
+        except (AttributeError, ValueError):  # not a TextIOWrapper (captured in tests), or closed (None)
             pass
+    for fd in (1, 2):  # a closed fd 1 or 2 would be handed to the next file opened: hold it with /dev/null
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                held = os.open(os.devnull, os.O_WRONLY)
+                if held != fd:
+                    os.dup2(held, fd)
+                    os.close(held)
+            except OSError:
+                pass
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Stdout(saved[0]), _Stderr(saved[1])
     try:
         try:
-            code = main()
-        except Qwen3VLCompileError as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
-            return e.exit_code
-        except KeyboardInterrupt:
-            print(f"\n{prog}: {interrupted}", file=sys.stderr)
-            return 130
-        sys.stdout.flush()
-        return code
-    except BrokenPipeError:
-        # The reader went away: whatever we had to do is done.
-        _silence_stdout()
-        return 0
-    except OSError as e:
-        # Standard output itself cannot be written (``> /dev/full``, a full disk): the work is
-        # done (a compiled bundle is complete), only its report is lost. Any other OSError is
-        # not ours to explain here.
-        if not _stdout_broken():
-            raise
-        print(f"{prog}: error: [output] cannot write to standard output: {e.strerror or e} "
-              "(the work itself finished; only this report was lost)", file=sys.stderr)
-        _silence_stdout()
-        return 1
-
-
-def _stdout_broken() -> bool:
-    try:
-        sys.stdout.flush()
-    except OSError:
-        return True
-    return False
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
+            try:
+                code = main()
+                try:
+                    sys.stdout.flush()
+                except OutputError as e:  # only the final flush failed: a compiled bundle is complete
+                    raise OutputError(f"{e.args[0]} (the work itself finished; only this report was lost)") from None
+                return code
+            except OutputError as e:
+                _silence_stdout(saved[0])
+                _say(f"{prog}: error: {e}")
+                return e.exit_code
+            except Qwen3VLCompileError as e:
+                _say(f"{prog}: error: {e}")
+                return e.exit_code
+            except KeyboardInterrupt:
+                _say(f"\n{prog}: {interrupted}")
+                return 130
+        except BrokenPipeError:
+            # The reader went away: whatever we had to do is done.
+            _silence_stdout(saved[0])
+            return 0
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -79,3 +79,9 @@ class GenerationError(Qwen3VLCompileError):
     """Generation cannot go on (the decoder returned NaN or inf logits, say)."""
 
     stage = "generate"
+
+
+class OutputError(Qwen3VLCompileError):
+    """Standard output cannot be written (closed with ``>&-``, a full disk, ``/dev/full``)."""
+
+    stage = "output"

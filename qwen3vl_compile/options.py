@@ -9,6 +9,7 @@ the same name with underscores.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 
 from .errors import UsageError
@@ -35,9 +36,9 @@ MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
 def whole_number(value, name: str, minimum: int, error: type[Exception] = UsageError) -> None:
-    """The one check of a whole-number option (compile and run alike): an int (not a bool)
-    of at least ``minimum``; else ``error`` naming the option and the value."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """The one check of a whole-number option (compile and run alike): an int or a numpy
+    integer (not a bool) of at least ``minimum``; else ``error`` naming the option and the value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise error(f"{name} must be a whole number >= {minimum}, got {value!r}")
 
 

@@ -44,3 +44,17 @@ def rehash_bundle(root, manifest: dict | None = None, *, drop_missing: bool = Tr
                 del files[rel]
     write_manifest(root, m)
     return m
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width`` x ``height`` but whose pixel data is a few bytes:
+    what decoding it would find is "truncated", so a refusal naming the size proves that the
+    size was read from the header and the pixels were never decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")

@@ -8,13 +8,17 @@ import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from planted import png_header
 
 from qwen3vl_compile.bundle.cli import main as bundle_main
 from qwen3vl_compile.cli import main as compile_main
@@ -80,6 +84,7 @@ def images(tmp_path_factory):
     d = tmp_path_factory.mktemp("imgs")
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(d / "ok.png")
     (d / "folder.png").mkdir()
+    (d / "huge.png").write_bytes(png_header(13000, 13000))  # 169 Mpixels: over Pillow's bomb warning
     return d
 
 
@@ -93,13 +98,20 @@ RUN_CASES = [
     (["--image", "__DIR__"], 2, "is a directory"),
     (["--max-new-tokens", "1.5"], 2, "invalid int value"),
     (["--threads", "100000"], 2, "[input] threads 100000: at most"),
+    # $'\xff' on the command line: Python hands it over as the lone surrogate U+DCFF.
+    (["--prompt", "ok \udcff"], 2, "[input] the prompt is not valid UTF-8 text: character 3 is the byte 0xff"),
+    (["--system", "\udce9t\udce9"], 2, "[input] the system prompt is not valid UTF-8 text: character 0 is the byte 0xe9"),
+    # 13000x13000 takes 16384 image tokens: refused from the header, before any pixel is decoded.
+    (["--image", "__HUGE__"], 2, "[input] prompt with image tokens is 16401 tokens, longer than the bundle's context of 8192"),
 ]
 
 
-@pytest.mark.parametrize("args,code,needle", RUN_CASES, ids=[" ".join(c[0]) for c in RUN_CASES])
+@pytest.mark.parametrize("args,code,needle", RUN_CASES, ids=[ascii(" ".join(c[0])) for c in RUN_CASES])
 def test_run_refuses_bad_arguments(bundle, images, capsys, args, code, needle):
-    args = [str(images / "folder.png") if a == "__DIR__" else a for a in args]
-    _one_line(capsys, code, _exit_code(run_main, [str(bundle), "--prompt", "Hi", *args]), needle)
+    args = [str(images / "folder.png") if a == "__DIR__" else str(images / "huge.png") if a == "__HUGE__" else a for a in args]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning (nor any other) on the way
+        _one_line(capsys, code, _exit_code(run_main, [str(bundle), "--prompt", "Hi", *args]), needle)
 
 
 def test_manifest_that_is_not_an_object(bundle, tmp_path, capsys):
@@ -117,6 +129,8 @@ def test_python_api_types(bundle, images):
     from qwen3vl_compile.errors import RuntimeInputError
 
     pipe = Pipeline.load(bundle)
+    closed = Image.open(images / "ok.png")
+    closed.close()
     for kw, match in [({"images": str(images / "ok.png")}, "images must be a list"),
                       ({"images": np.zeros((8, 8, 3), np.uint8)}, "images must be a list"),
                       ({"images": None}, "images must be a list"),
@@ -124,7 +138,12 @@ def test_python_api_types(bundle, images):
                       ({"max_new_tokens": "5"}, "max_new_tokens must be a whole number"),
                       ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number"),
                       ({"temperature": "0.5"}, "temperature must be a finite number"),
-                      ({"seed": -3}, "seed must be a whole number")]:
+                      ({"seed": -3}, "seed must be a whole number"),
+                      ({"prompt": b"Hi"}, r"prompt must be a string, got bytes \(decode the bytes first"),
+                      ({"prompt": "Hi \ud800"}, "the prompt is not valid UTF-8 text: character 3 is a lone surrogate U\\+D800"),
+                      ({"max_new_tokens": np.bool_(True)}, "max_new_tokens must be a whole number"),
+                      ({"max_new_tokens": np.float64(3)}, "max_new_tokens must be a whole number"),
+                      ({"images": [closed]}, r"PIL image of 64x64 pixels cannot be read \(Operation on closed image\)")]:
         args = {"images": [], "prompt": "Hi", "max_new_tokens": 2, **kw}
         with pytest.raises(RuntimeInputError, match=match):
             pipe.generate(**args)
@@ -132,6 +151,69 @@ def test_python_api_types(bundle, images):
         Pipeline.load(bundle, threads=-2)
     with pytest.raises(RuntimeInputError, match="threads 100000: at most"):
         Pipeline.load(bundle, threads=100000)
+    with pytest.raises(RuntimeInputError, match=r"Pipeline.load needs the bundle directory \(a str or path\), got NoneType"):
+        Pipeline.load(None)
+
+
+def test_numpy_integers_are_whole_numbers(bundle):
+    from qwen3vl_compile import Pipeline
+
+    pipe = Pipeline.load(bundle, threads=np.int64(1))
+    plain = pipe.generate([], "Hi", max_new_tokens=3, temperature=0.7, top_k=5, seed=4)
+    numpy = pipe.generate([], "Hi", max_new_tokens=np.int64(3), temperature=0.7, top_k=np.int32(5), seed=np.uint8(4))
+    assert numpy.token_ids == plain.token_ids and numpy.stopped == plain.stopped
+
+
+def _damaged_copy(bundle, dest: Path, name: str, damage: str) -> Path:
+    """The bundle hard-linked into ``dest`` with ``name`` replaced: truncated or garbage."""
+    shutil.copytree(bundle, dest, copy_function=os.link)
+    data = (bundle / name).read_bytes()
+    (dest / name).unlink()  # never write through the link into the shared fixture
+    (dest / name).write_bytes(data[: len(data) // 3] if damage == "truncated" else b"garbage{")
+    return dest
+
+
+@pytest.mark.parametrize("name,damage,needle", [
+    ("decoder.onnx.data", "truncated", "decoder.onnx: ONNX Runtime cannot load this graph"),
+    ("embedding.onnx", "truncated", "embedding.onnx: ONNX Runtime cannot load this graph"),
+    ("tokenizer.json", "garbage", "tokenizer.json: not a readable tokenizer"),
+    ("config.json", "garbage", "config.json: not readable JSON"),
+])
+def test_skip_hash_check_with_damaged_files(bundle, tmp_path, capsys, name, damage, needle):
+    """--skip-hash-check lets a changed file through; loading it is still one [bundle] line."""
+    b = _damaged_copy(bundle, tmp_path / "b", name, damage)
+    _one_line(capsys, 1, run_main([str(b), "--prompt", "Hi", "--skip-hash-check"]), "[bundle]", needle)
+
+
+class _FullStream(io.TextIOBase):
+    """A stdout on a full disk (``> /dev/full``): every write fails with ENOSPC."""
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("stdout,why", [(None, "it is closed"), (_FullStream(), "No space left on device")],
+                         ids=["closed", "full"])
+def test_stdout_that_cannot_be_written(bundle, tmp_path, monkeypatch, capsys, stdout, why):
+    from qwen3vl_compile.runtime.eval import main as eval_main
+
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"images": [], "prompt": "Hi", "answer": "a"}\n')
+    for main, argv in ((run_main, [str(bundle), "--prompt", "Hi", "--max-new-tokens", "2"]),
+                       (run_main, [str(bundle), "--prompt", "Hi", "--max-new-tokens", "2", "--json"]),
+                       (eval_main, [str(bundle), str(items), "--max-new-tokens", "2"])):
+        monkeypatch.setattr(sys, "stdout", stdout)
+        rc = main(argv)
+        monkeypatch.undo()
+        _one_line(capsys, 1, rc, f"error: [output] cannot write to standard output: {why}")
+
+
+def test_closed_stderr_never_sends_errors_to_stdout(bundle, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stderr", None)
+    assert run_main([str(bundle), "--prompt", "Hi", "--max-new-tokens", "0"]) == 2
+    assert run_main(["/nonexistent", "--prompt", "Hi"]) == 1
+    monkeypatch.undo()
+    assert capsys.readouterr().out == ""
 
 
 def test_threads_are_capped_everywhere(bundle, capsys):
@@ -188,6 +270,19 @@ def test_closed_pipes_are_not_errors(bundle, tmp_path):
         p = _sh(cmd)
         assert p.returncode == 0 and "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, (cmd, p.stderr)
     assert (tmp_path / "e" / "manifest.json").is_file()
+
+
+@pytest.mark.slow  # three fresh processes
+def test_closed_or_full_output_streams(bundle, tmp_path):
+    """The real thing: fd 1 closed, a stdout that cannot grow (``ulimit -f 0``: what
+    ``/dev/full`` does, where there is no /dev/full to trust), fd 2 closed."""
+    run = f"{BIN}/qwen3vl-run {bundle} --prompt Hi --max-new-tokens 3"
+    p = _sh(f"{run} >&-")
+    assert p.returncode == 1 and p.stderr == "qwen3vl-run: error: [output] cannot write to standard output: it is closed\n", p.stderr
+    p = _sh(f"(ulimit -f 0; {run} > {tmp_path / 'out.txt'})")
+    assert p.returncode == 1 and p.stderr == "qwen3vl-run: error: [output] cannot write to standard output: File too large\n", p.stderr
+    p = _sh(f"{run} --max-new-tokens 0 2>&-")
+    assert p.returncode == 2 and p.stdout == "", p.stdout
 
 
 @pytest.mark.slow  # two fresh processes, one compiling

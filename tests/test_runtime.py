@@ -184,3 +184,20 @@ def test_context_is_checked_before_any_vision_work(pipe, images, monkeypatch):
     monkeypatch.setattr(pipe.vision, "encode", never)
     with pytest.raises(RuntimeInputError, match="longer than the bundle's context of 150"):
         pipe.generate(images=[images["sq448"]], prompt="Describe", max_new_tokens=8)
+
+
+def test_a_stream_closed_early_leaves_its_own_partial_result(text_bundle):
+    """Closing a stream leaves on that stream what its call had generated (``stopped ==
+    "cancelled"``); one closed before it started has None, never another call's result."""
+    pipe = Pipeline.load(text_bundle)
+    whole = pipe.generate(images=[], prompt="Tell me a story about a cat.", max_new_tokens=12)
+    assert len(whole.token_ids) == 12, "the tiny model stopped early: pick another prompt"
+    stream = pipe.generate(images=[], prompt="Tell me a story about a cat.", max_new_tokens=12, stream=True)
+    pieces = [next(stream), next(stream)]
+    stream.close()
+    part = stream.result
+    assert part is not whole and part.stopped == "cancelled" and 2 <= len(part.token_ids) < 12
+    assert part.token_ids == whole.token_ids[: len(part.token_ids)] and part.text.startswith("".join(pieces))
+    unstarted = pipe.generate(images=[], prompt="Tell me a story about a cat.", max_new_tokens=12, stream=True)
+    unstarted.close()
+    assert unstarted.result is None

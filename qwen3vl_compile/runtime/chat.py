@@ -174,8 +174,16 @@ class ChatFormatter:
         path = files.find("tokenizer.json")
         if path is None:
             raise BundleError(f"{files.root}: no tokenizer.json")
-        self.tokenizer = Tokenizer.from_file(str(path))
-        self.template = _environment().from_string(load_chat_template(files))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise BundleError(f"{path}: not a readable tokenizer ({e})") from None
+        try:
+            self.template = _environment().from_string(load_chat_template(files))
+        except Exception as e:  # jinja2.TemplateSyntaxError
+            if isinstance(e, BundleError):
+                raise
+            raise BundleError(f"{files.root}: the chat template does not parse ({e})") from None
         config = _read_json(files.find("tokenizer_config.json"))
         self.special_tokens = {k: _token_text(config[k]) for k in SPECIAL_TOKEN_NAMES if config.get(k) is not None}
         self.image_pad_id = self._require_id(IMAGE_PAD)

@@ -111,7 +111,12 @@ class Engine:
         self._no_images = (np.zeros((0, self.hidden), np.float32), np.zeros((self.levels, 0, self.hidden), np.float32))
 
     def session(self, path):
-        return ort_session(path, self.options.threads, providers=self.options.providers)
+        try:
+            return ort_session(path, self.options.threads, providers=self.options.providers)
+        except Exception as e:  # onnxruntime's own types (InvalidProtobuf, Fail, ...)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({first}); the file is damaged: "
+                              "run `qwen3vl-compile verify` on the bundle") from None
 
     def _check_pool(self, session) -> None:
         """Print the pool's size; refuse one that does not fit, before allocating it."""

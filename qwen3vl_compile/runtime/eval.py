@@ -8,7 +8,12 @@ answers the same items in fp32: the accuracy of each, the rate at which the two 
 the items where they differ. ``--json`` prints one JSON object instead of the table.
 
 The whole file is checked before any model work: a line that is not a JSON object with those
-fields, or an image that does not exist, is refused with its line number.
+fields, an image that does not exist or cannot be read (from its header: the pixels are not
+decoded), is smaller than one patch, or a prompt too long for the bundle's context with its
+images, is refused with the file's name and the line number. ``--reference`` must be the
+checkpoint the bundle was compiled from (the manifest records its config's sha256).
+Answers are scored case-insensitively; ``contains`` matches the answer as whole words only
+(``5`` is not found in ``<unused1250>``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import RuntimeInputError
+from ..errors import LoadError, RuntimeInputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +41,8 @@ class EvalItem:
 def load_items(path: Path) -> list[EvalItem]:
     """Parse and check every line; raise RuntimeInputError naming the first bad one."""
     path = Path(path)
+    if path.is_dir():
+        raise RuntimeInputError(f"{path}: is a directory; give the JSONL items file")
     if not path.is_file():
         raise RuntimeInputError(f"{path}: not found")
     try:
@@ -59,8 +66,15 @@ def load_items(path: Path) -> list[EvalItem]:
         for key, value in (("prompt", prompt), ("answer", answer)):
             if not isinstance(value, str) or not value.strip():
                 raise RuntimeInputError(f"{where}: \"{key}\" must be a non-empty string")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate such as "\\ud800"
+                raise RuntimeInputError(f"{where}: \"{key}\" is not valid Unicode text (lone surrogate "
+                                        f"U+{ord(value[e.start]):04X} at character {e.start})") from None
         paths = tuple((path.parent / i) for i in images)
         for i, p in zip(images, paths):
+            if p.is_dir():
+                raise RuntimeInputError(f"{where}: image {i} is a directory (paths are relative to {path.parent})")
             if not p.is_file():
                 raise RuntimeInputError(f"{where}: image {i} not found (paths are relative to {path.parent})")
         kind = obj.get("kind")
@@ -70,14 +84,34 @@ def load_items(path: Path) -> list[EvalItem]:
     return out
 
 
+def check_items(pipe, items: list[EvalItem], source: Path) -> None:
+    """Every item through the checks that need no model work (image headers, sizes, the
+    prompt's token count against the bundle's context), each failure naming its line."""
+    for it in items:
+        try:
+            pipe.check_request([str(p) for p in it.images], it.prompt)
+        except RuntimeInputError as e:
+            raise RuntimeInputError(f"{Path(source).name} line {it.line}: {e.args[0]}") from None
+
+
 def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".!").strip()
 
 
+def contains(prediction: str, answer: str) -> bool:
+    """``answer`` in ``prediction`` as whole words: not inside a longer word or number
+    (``5`` is not in ``<unused1250>``); both already normalized."""
+    if not answer:
+        return False
+    left = r"(?<!\w)" if re.match(r"\w", answer[0]) else ""
+    right = r"(?!\w)" if re.match(r"\w", answer[-1]) else ""
+    return re.search(left + re.escape(answer) + right, prediction) is not None
+
+
 def score(prediction: str, answer: str) -> tuple[bool, bool]:
-    """(exact, contains), case-insensitive."""
+    """(exact, contains), case-insensitive; contains on word boundaries."""
     p, a = normalize(prediction), normalize(answer)
-    return p == a, a in p
+    return p == a, contains(p, a)
 
 
 @dataclasses.dataclass
@@ -114,19 +148,61 @@ def answer_all(name: str, answer, items: list[EvalItem], progress=None) -> Syste
     return SystemResult(name, preds, secs)
 
 
-def run_bundle(pipe, items: list[EvalItem], max_new_tokens: int, progress=None) -> SystemResult:
-    return answer_all("bundle", lambda it: pipe.generate([str(p) for p in it.images], it.prompt,
-                                                         max_new_tokens=max_new_tokens).text, items, progress)
+def run_bundle(pipe, items: list[EvalItem], max_new_tokens: int, progress=None, *, source=None) -> SystemResult:
+    where = f"{Path(source).name} line" if source else "line"
+
+    def answer(it: EvalItem) -> str:
+        try:
+            return pipe.generate([str(p) for p in it.images], it.prompt, max_new_tokens=max_new_tokens).text
+        except RuntimeInputError as e:  # found only when decoding (a truncated image): name the line
+            raise RuntimeInputError(f"{where} {it.line}: {e.args[0]}") from None
+
+    return answer_all("bundle", answer, items, progress)
 
 
-def run_reference(model: str, items: list[EvalItem], max_new_tokens: int, decode, progress=None) -> SystemResult:
-    """Hugging Face ``generate`` in fp32 on the same items (needs torch and transformers)."""
+def _reference_imports():
     try:
-        from ..model.checkpoint import resolve_model_source
         from ..model.hf_reference import make_hf_generate
     except ImportError as e:  # the slim runtime
         raise RuntimeInputError(f"--reference needs torch and transformers ({e.name} is missing): "
                                 "pip install 'qwen3vl-compile[compile]'") from None
+    return make_hf_generate
+
+
+def _reference_source(model: str):
+    """``resolve_model_source`` with its errors naming --reference (they say --model)."""
+    from ..model.checkpoint import resolve_model_source
+
+    try:
+        return resolve_model_source(model)
+    except LoadError as e:
+        raise LoadError(str(e.args[0]).replace("--model ", "--reference ")) from None
+
+
+def check_reference(model: str, manifest: dict) -> None:
+    """Refuse a --reference that is not the checkpoint the bundle was compiled from: their
+    config.json differ (the manifest records the source config's sha256)."""
+    from ..model.checkpoint import Checkpoint
+
+    _reference_imports()  # a slim install is told before any work
+    recorded = (manifest.get("source") or {}).get("config_sha256")
+    if not recorded:  # a manifest from before the field: nothing to compare with
+        return
+    path = _reference_source(model)
+    try:
+        actual = Checkpoint.open(path).config_sha256
+    except LoadError as e:
+        raise LoadError(f"--reference {model!r}: {e.args[0]}") from None
+    if actual != recorded:
+        compiled_from = (manifest.get("source") or {}).get("model")
+        raise RuntimeInputError(
+            f"--reference {model!r} is not the checkpoint the bundle was compiled from ({compiled_from!r}): "
+            f"its config.json sha256 is {actual[:16]}..., the bundle's manifest records {str(recorded)[:16]}...")
+
+
+def run_reference(model: str, items: list[EvalItem], max_new_tokens: int, decode, progress=None) -> SystemResult:
+    """Hugging Face ``generate`` in fp32 on the same items (needs torch and transformers)."""
+    make_hf_generate = _reference_imports()
     try:  # our progress bar is the one to show
         from transformers.utils import logging as hf_logging
 
@@ -134,7 +210,7 @@ def run_reference(model: str, items: list[EvalItem], max_new_tokens: int, decode
         hf_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover - transformers comes with the compile extra
         pass
-    generate = make_hf_generate(resolve_model_source(model))
+    generate = make_hf_generate(_reference_source(model))
     return answer_all("reference", lambda it: decode(generate([str(p) for p in it.images], it.prompt, max_new_tokens)),
                       items, progress)
 
@@ -220,8 +296,11 @@ def _main(argv) -> int:
     if args.limit:
         items = items[: args.limit]
     pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss)
+    check_items(pipe, items, args.items)  # before any model work: every item, named by its line
+    if args.reference:
+        check_reference(args.reference, pipe.manifest)
     show = not args.quiet and sys.stderr.isatty()
-    bundle = run_bundle(pipe, items, args.max_new_tokens, _progress("bundle", show))
+    bundle = run_bundle(pipe, items, args.max_new_tokens, _progress("bundle", show), source=args.items)
     reference = None
     if args.reference:
         reference = run_reference(args.reference, items, args.max_new_tokens, pipe.chat.decode, _progress("reference", show))

@@ -27,8 +27,11 @@ class FallbackVision:
                 "install qwen3vl-compile[compile], or use --on-miss fit"
             ) from None
         self.torch = torch
-        config = json.loads(Path(config_path).read_text())
-        state = {k: v.to(torch.float32) for k, v in load_file(str(weights_path)).items()}
+        config = json.loads(Path(config_path).read_text())  # already read by the Pipeline
+        try:
+            state = {k: v.to(torch.float32) for k, v in load_file(str(weights_path)).items()}
+        except Exception as e:  # safetensors' SafetensorError: a damaged file (--skip-hash-check)
+            raise BundleError(f"{weights_path}: unreadable vision weights ({e})") from None
         try:
             self.model = build_vision_tower(config, state)
         except KeyError as e:

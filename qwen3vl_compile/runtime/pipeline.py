@@ -11,7 +11,7 @@ and transformers are imported only when an image takes the PyTorch fallback.
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +23,7 @@ from ..bundle.manifest import BundleFiles
 from ..options import check_threads, whole_number
 from ..errors import RuntimeInputError
 from .engine import Engine, EngineOptions
-from .preprocess import load_image, preprocess
+from .preprocess import grid_for_size, image_size, load_image, preprocess
 from .request import GenerationResult, Prepared
 from .request import Sequence as RequestSequence
 from .rope_index import get_rope_index
@@ -43,6 +43,7 @@ class Pipeline:
     def __init__(self, root: Path, manifest: dict, *, threads: int = 0, on_miss: str = "fallback",
                  max_batch: int = 1, max_length: int | None = None, providers=("CPUExecutionProvider",), log=None):
         check_threads(threads, "threads", RuntimeInputError)
+        threads = int(threads)  # a numpy integer too
         options = EngineOptions(threads=threads, providers=providers, max_batch=max_batch, max_length=max_length,
                                 on_miss=on_miss)
         self.root = Path(root)
@@ -70,6 +71,8 @@ class Pipeline:
         private key (``qwen3vl-compile sign``), checked before anything else is read.
         ``max_batch`` requests decode together (the KV pool's slots, of ``max_length`` tokens,
         default the bundle's context length); ``log`` receives the pool's size."""
+        if not isinstance(root, (str, os.PathLike)):
+            raise RuntimeInputError(f"Pipeline.load needs the bundle directory (a str or path), got {type(root).__name__}")
         check_threads(threads, "threads", RuntimeInputError)  # before any hashing
         if public_key is not None:
             from ..bundle.signing import verify as verify_signature
@@ -109,7 +112,7 @@ class Pipeline:
         exhausted; closing it early cancels the request)."""
         images = _check_api_inputs(images, prompt, system, max_new_tokens)
         sampling = SamplingConfig(temperature, top_k, top_p, seed)
-        gen = GenerationStream(lambda: self.submit(images, prompt, system=system, max_new_tokens=max_new_tokens,
+        gen = GenerationStream(lambda: self.submit(images, prompt, system=system, max_new_tokens=int(max_new_tokens),
                                                    sampling=sampling))
         if stream:
             return gen
@@ -131,6 +134,37 @@ class Pipeline:
             decode_text=self.chat.decode, t_start=t_start, sink=sink,
         )
         return self.scheduler.submit(seq)
+
+    def check_request(self, images: Sequence = (), prompt: str = "", system: str | None = None) -> int:
+        """The checks that need no model work: every image's header (readable, not too small
+        or thin: the pixels are not decoded) and the prompt's token count with the image
+        tokens those sizes give, against the bundle's context. Returns that token count."""
+        images = _check_api_inputs(images, prompt, system, 1)
+        counts = [self._header_tokens(image) for image in images]
+        return self._check_context(self.chat.encode(prompt, counts, system))
+
+    def _header_tokens(self, image) -> int:
+        """Image tokens of ``image`` from its size alone (an exact count, or in ``fit`` mode
+        for a size with no bucket, the smaller of its two orientations' buckets)."""
+        height, width = image_size(image)
+        try:
+            grid = grid_for_size(height, width, self.processor)
+        except RuntimeInputError as e:  # too small or too thin: name the file
+            if isinstance(image, (str, os.PathLike)):
+                raise RuntimeInputError(f"{str(image)!r}: {e.args[0]}") from None
+            raise
+        if self.vision.bucket_for_grid(grid) is None and self.vision.on_miss == "fit" and self.vision.buckets:
+            grids = [nearest_bucket(self.vision.buckets, h, w).grid_thw for h, w in ((height, width), (width, height))]
+            return min(_tokens(g, self.processor.merge_size) for g in grids)
+        return _tokens(grid, self.processor.merge_size)
+
+    def _check_context(self, input_ids) -> int:
+        n_prompt = input_ids.shape[1]
+        if n_prompt >= self.context_length:  # refused before any vision work
+            raise RuntimeInputError(
+                f"prompt with image tokens is {n_prompt} tokens, longer than the bundle's context of {self.context_length}"
+            )
+        return n_prompt
 
     # -- steps ------------------------------------------------------------------------
     def _preprocess_images(self, images) -> tuple[list, list[dict], dict]:
@@ -163,13 +197,13 @@ class Pipeline:
     def _prepare(self, images, prompt: str, system) -> Prepared:
         """Everything before the decoder, in the calling thread: images preprocessed (the
         context checked before any vision work), encoded, the prompt embedded, its positions."""
-        processed, image_info, timings = self._preprocess_images(list(images))
+        images = list(images)
+        # From the image headers first: an image too big for the context is refused before
+        # its pixels are decoded (a 13000x13000 PNG is 500 MB of them).
+        self._check_context(self.chat.encode(prompt, [self._header_tokens(i) for i in images], system))
+        processed, image_info, timings = self._preprocess_images(images)
         input_ids = self.chat.encode(prompt, [p.num_tokens for p in processed], system)
-        n_prompt = input_ids.shape[1]
-        if n_prompt >= self.context_length:  # refused before any vision work
-            raise RuntimeInputError(
-                f"prompt with image tokens is {n_prompt} tokens, longer than the bundle's context of {self.context_length}"
-            )
+        self._check_context(input_ids)
         encoded = self._encode_images(processed, image_info, timings)
         n_pads = int((input_ids == self.image_token_id).sum())
         n_rows = sum(r.image_features.shape[0] for _, r in encoded)
@@ -216,14 +250,17 @@ class GenerationStream:
         return next(self._pieces)
 
     def close(self) -> None:
+        """Cancel the request and wait for the scheduler to stop it (at its next step): then
+        :attr:`result` holds what was generated, ``stopped="cancelled"``."""
         self._closed = True
         if self._pieces is not None:
             self._pieces.close()
+            self._seq.wait_finished()
 
     @property
     def result(self) -> GenerationResult | None:
-        """This call's result: None until the stream ends (or when it was cancelled before
-        its request started)."""
+        """This call's result: None until the stream ends (or when it was closed before its
+        request started); after ``close()``, the partial result."""
         return None if self._seq is None else self._seq.result
 
 
@@ -233,8 +270,27 @@ def _check_api_inputs(images, prompt, system, max_new_tokens) -> list:
         raise RuntimeInputError(f"images must be a list (or tuple) of paths, PIL images or arrays, got "
                                 f"{type(images).__name__}; for one image write images=[...]")
     if not isinstance(prompt, str):
-        raise RuntimeInputError(f"prompt must be a string, got {type(prompt).__name__}")
+        hint = " (decode the bytes first: prompt=data.decode('utf-8'))" if isinstance(prompt, (bytes, bytearray)) else ""
+        raise RuntimeInputError(f"prompt must be a string, got {type(prompt).__name__}{hint}")
     if system is not None and not isinstance(system, str):
         raise RuntimeInputError(f"system must be a string or None, got {type(system).__name__}")
+    for name, text in (("prompt", prompt), ("system prompt", system or "")):
+        check_text(text, name)
     whole_number(max_new_tokens, "max_new_tokens", 1, RuntimeInputError)
     return list(images)
+
+
+def check_text(text: str, name: str) -> None:
+    """Refuse text that is not valid Unicode: a command-line argument holding bytes that are
+    not UTF-8 arrives as lone surrogates (U+DC80..U+DCFF), as does a JSON "\\ud800"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        what = f"the byte 0x{ord(bad) - 0xDC00:02x}, not UTF-8" if 0xDC80 <= ord(bad) <= 0xDCFF else f"a lone surrogate U+{ord(bad):04X}"
+        raise RuntimeInputError(f"the {name} is not valid UTF-8 text: character {e.start} is {what}") from None
+
+
+def _tokens(grid_thw, merge_size: int) -> int:
+    t, h, w = (int(v) for v in grid_thw)
+    return t * h * w // merge_size**2

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -164,20 +165,55 @@ def load_image(image) -> Image.Image:
         image = Image.fromarray(_array_to_uint8(image))
     elif not isinstance(image, Image.Image):
         raise RuntimeInputError(f"unsupported image type {type(image).__name__}: give a path, a PIL image or an array")
-    return to_rgb(image)
+    try:
+        return to_rgb(image)
+    except (OSError, ValueError) as e:  # a closed PIL image: "Operation on closed image"
+        raise RuntimeInputError(f"PIL image of {image.width}x{image.height} pixels cannot be read ({e})") from None
 
 
-def _open_file(path: Path) -> Image.Image:
+def image_size(image) -> tuple[int, int]:
+    """``(height, width)`` of an image without decoding its pixels: a file's header only
+    (unreadable files and directories are refused here), an array's shape, a PIL image's size.
+    EXIF rotation is not applied: the token count of a size does not depend on orientation."""
+    if isinstance(image, (str, Path)):
+        with _open_header(Path(image)) as im:
+            return im.height, im.width
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3):
+            raise RuntimeInputError(f"image array of shape {image.shape}: expected HxW, HxWx1, HxWx3 or HxWx4 (channels last)")
+        return int(image.shape[0]), int(image.shape[1])
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    raise RuntimeInputError(f"unsupported image type {type(image).__name__}: give a path, a PIL image or an array")
+
+
+def _open_header(path: Path) -> Image.Image:
+    """``Image.open`` (which reads the header only), with our one line for what it refuses.
+    Pillow's decompression-bomb warning is not printed: sizes are checked against the
+    bundle's context from the header, before any pixel is decoded."""
     if path.is_dir():
         raise RuntimeInputError(f"image {str(path)!r} is a directory; give an image file")
     if not path.is_file():
         raise RuntimeInputError(f"image {str(path)!r}: no such file")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return ImageOps.exif_transpose(im)
-    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise RuntimeInputError(f"image {str(path)!r}: too large to decode ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise RuntimeInputError(f"image {str(path)!r}: cannot be read ({e})") from None
+
+
+def _open_file(path: Path) -> Image.Image:
+    with _open_header(path) as im:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.load()
+                return ImageOps.exif_transpose(im)
+        except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
+            raise RuntimeInputError(f"image {str(path)!r}: cannot be read ({e})") from None
 
 
 def _array_to_uint8(arr: np.ndarray) -> np.ndarray:

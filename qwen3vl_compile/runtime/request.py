@@ -142,6 +142,10 @@ class Sequence:
             if not self.finished:
                 self.cancel()
 
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        """Block until the scheduler has finished, cancelled or failed this request."""
+        return self._finished.wait(timeout)
+
     def wait(self) -> GenerationResult:
         """Block until the request ends; its result, or its error raised."""
         for _ in self.pieces():
