@@ -7,19 +7,34 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Callable
 
 from .errors import Qwen3VLCompileError
+from .testhooks import pause
 
 
-def run_cli(main: Callable[[], int], prog: str, *, interrupted: str = "interrupted") -> int:
-    """Run ``main`` as the command ``prog``."""
+def run_cli(main: Callable[[], int], prog: str, *, interrupted: str | Callable[[], str] = "interrupted",
+            exiting: bool = False) -> int:
+    """Run ``main`` as the command ``prog``. ``interrupted`` is the line printed on Ctrl-C
+    (or a function giving it, asked at that moment: what the interrupt left behind).
+    ``exiting``: this is the process's entry point (the console script), which ends when this
+    returns; Ctrl-C from then on (interpreter shutdown, atexit callbacks) is ignored, since
+    the work is done and its outcome printed: no 'Exception ignored in atexit' traceback."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError):  # not a TextIOWrapper (captured in tests)
             pass
+    try:
+        return _run(main, prog, interrupted)
+    finally:
+        if exiting:
+            _ignore_interrupts_from_now_on()
+
+
+def _run(main: Callable[[], int], prog: str, interrupted: str | Callable[[], str]) -> int:
     try:
         try:
             code = main()
@@ -27,7 +42,7 @@ def run_cli(main: Callable[[], int], prog: str, *, interrupted: str = "interrupt
             print(f"{prog}: error: {e}", file=sys.stderr)
             return e.exit_code
         except KeyboardInterrupt:
-            print(f"\n{prog}: {interrupted}", file=sys.stderr)
+            print(f"\n{prog}: {interrupted if isinstance(interrupted, str) else interrupted()}", file=sys.stderr)
             return 130
         sys.stdout.flush()
         return code
@@ -39,6 +54,16 @@ def run_cli(main: Callable[[], int], prog: str, *, interrupted: str = "interrupt
         except (OSError, ValueError):
             pass
         return 0
+
+
+def _ignore_interrupts_from_now_on() -> None:
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the interpreter keeps SIG_IGN through finalization
+    except ValueError:  # not in the main thread
+        return
+    import atexit
+
+    atexit.register(pause, "atexit")  # test hook: registered last, so it runs first
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -19,7 +19,7 @@ import pytest
 from qwen3vl_compile.bundle.writer import STAGING_MARKER, BundleWriter, remove_stale_staging
 from qwen3vl_compile.cli import main
 from qwen3vl_compile.errors import UsageError
-from qwen3vl_compile.bundle.manifest import SCHEMA
+from qwen3vl_compile.bundle.manifest import SCHEMA, hash_files, write_manifest
 
 
 def _compile(*args: str) -> int:
@@ -52,8 +52,9 @@ def _fake_bundle(d: Path, extra: dict[str, str] | None = None) -> None:
     (d / "decoder.onnx").write_bytes(b"graph")
     (d / "golden").mkdir()
     (d / "golden" / "decoder.npz").write_bytes(b"npz")
-    files = {"decoder.onnx": {}, "golden/decoder.npz": {}}
-    (d / "manifest.json").write_text(json.dumps({"schema": SCHEMA, "schema_version": 1, "files": files}))
+    manifest = {"schema": SCHEMA, "schema_version": 1}
+    hash_files(d, manifest)
+    write_manifest(d, manifest)  # hashes and self-hash: it passes the bundle check
     for name, text in (extra or {}).items():
         (d / name).write_text(text)
 
@@ -226,3 +227,17 @@ def test_full_disk_leaves_nothing(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "[write] writing the bundle failed: No space left on device" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_force_refuses_a_forged_manifest(tmp_path, capsys):
+    """Issue 23: a hand-written manifest that claims our schema does not make the user's files
+    a bundle. (Before the fix this compiled and wiped thesis.tex and data.csv with exit 0.)"""
+    d = tmp_path / "thesis"
+    d.mkdir()
+    (d / "thesis.tex").write_text("years of work")
+    (d / "data.csv").write_text("1,2\n")
+    (d / "manifest.json").write_text(json.dumps({"schema": SCHEMA, "files": {"thesis.tex": {}, "data.csv": {}}}))
+    before = _snapshot(d)
+    assert _compile("-o", str(d), "--force", "--graphs", "embedding", "--no-verify") == 2
+    _one_error_line(capsys, "not a qwen3vl-compile bundle", "--force replaces only")
+    assert _snapshot(d) == before

@@ -102,10 +102,10 @@ def verify_bundle(root: Path, *, threads: int = 0) -> int:
     return 0 if ok else 1
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], *, exiting: bool = False) -> int:
     from ..cli_io import run_cli
 
-    return run_cli(lambda: _main(argv), f"qwen3vl-compile {argv[0]}")
+    return run_cli(lambda: _main(argv), f"qwen3vl-compile {argv[0]}", exiting=exiting)
 
 
 def _main(argv: list[str]) -> int:
