@@ -42,7 +42,8 @@ from .check import check_files, check_manifest_integrity
 from .manifest import MANIFEST, SCHEMA, load_manifest
 
 # The marker file inside a staging (or .old) directory: {"tool", "pid", "created"} and, in an
-# .old directory, "target" (the name of the OUT it was moved from). Removed before the bundle
+# .old directory, "target" (the name of the OUT it was moved from) and "staging" (the name of
+# the staging directory that was to replace it). Removed before the bundle
 # is hashed and moved into place, so no bundle carries it.
 STAGING_MARKER = ".qwen3vl-compile-staging.json"
 _TOOL = "qwen3vl-compile"
@@ -214,7 +215,7 @@ class BundleWriter:
         if os.path.lexists(self.out):
             try:
                 self._old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-{os.getpid()}-", dir=self.out.parent))
-                _write_marker(self._old, target=self.out.name)
+                _write_marker(self._old, target=self.out.name, staging=self.staging.name)
             except OSError as e:
                 raise WriteError(f"could not move the bundle into {self.out}: {e}; {self.out_now()}") from e
         pause("old-made")
@@ -367,6 +368,14 @@ def remove_stale_staging(parent: Path, log=None) -> list[Path]:
                     log(f"left {d}: it holds the only copy of the bundle {target}, which could not be moved back ({e})")
                     continue
                 log(f"moved the bundle in {copy} back to {target} (a compile replacing it was killed)")
+                # That compile's new bundle, complete but never moved into place (its marker
+                # is gone: it was removed just before the swap).
+                staging = info.get("staging")
+                if (isinstance(staging, str) and staging.startswith(f".{target.name}.staging-{pid}-") and "/" not in staging
+                        and (parent / staging).is_dir() and not (parent / staging).is_symlink()):
+                    shutil.rmtree(parent / staging, ignore_errors=True)
+                    if not (parent / staging).exists():
+                        removed.append(parent / staging)
             elif not target.is_dir() or bundle_problem(target) is not None or not any(target.iterdir()):
                 log(f"left {d}: {target} does not hold a bundle, so {copy} may be the only copy of one")
                 continue
