@@ -241,3 +241,94 @@ def test_force_refuses_a_forged_manifest(tmp_path, capsys):
     assert _compile("-o", str(d), "--force", "--graphs", "embedding", "--no-verify") == 2
     _one_error_line(capsys, "not a qwen3vl-compile bundle", "--force replaces only")
     assert _snapshot(d) == before
+
+
+@pytest.mark.parametrize("case", ["no-version", "no-self-hash", "self-hash-but-no-hashes", "a-file-edited"])
+def test_force_refuses_a_manifest_that_fails_the_bundle_check(tmp_path, capsys, case):
+    from qwen3vl_compile.bundle.manifest import canonical_sha256
+
+    d = tmp_path / "work"
+    d.mkdir()
+    (d / "thesis.tex").write_text("years of work")
+    (d / "data.csv").write_text("1,2\n")
+    manifest = {"schema": SCHEMA, "schema_version": 1}
+    hash_files(d, manifest)
+    if case == "no-version":
+        del manifest["schema_version"]
+        manifest["manifest_sha256"] = canonical_sha256(manifest)
+    elif case == "self-hash-but-no-hashes":
+        manifest["files"] = {"thesis.tex": {}, "data.csv": {}}
+        manifest["manifest_sha256"] = canonical_sha256(manifest)
+    elif case == "a-file-edited":
+        manifest["manifest_sha256"] = canonical_sha256(manifest)
+        (d / "data.csv").write_text("1,2\n3,4\n")  # the user's edit after a forged listing
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    before = _snapshot(d)
+    assert _compile("-o", str(d), "--force") == 2
+    _one_error_line(capsys, "not a qwen3vl-compile bundle", "--force replaces only")
+    assert _snapshot(d) == before
+
+
+@pytest.fixture(scope="module")
+def real_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "bundle"
+    assert _compile("--graphs", "embedding", "--no-verify", "-o", str(out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("thing", ["empty-folder", "fifo", "socket", "symlink", "listed-file-as-symlink"])
+def test_force_refuses_a_real_bundle_holding_something_we_never_write(tmp_path, capsys, real_bundle, thing):
+    import shutil
+    import socket
+
+    out = tmp_path / "bundle"
+    shutil.copytree(real_bundle, out)
+    BundleWriter(out, force=True).check_target()  # as compiled, it may be replaced
+    if thing == "empty-folder":
+        (out / "my-notes").mkdir()
+        name, kind = "my-notes", "directory"
+    elif thing == "fifo":
+        os.mkfifo(out / "pipe")
+        name, kind = "pipe", "FIFO"
+    elif thing == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(out / "sock"))
+        s.close()
+        name, kind = "sock", "socket"
+    elif thing == "symlink":
+        (tmp_path / "elsewhere.txt").write_text("mine")
+        (out / "link").symlink_to(tmp_path / "elsewhere.txt")
+        name, kind = "link", "symbolic link"
+    else:  # a listed file replaced by a link to a copy: hashes match, but we never write links
+        shutil.copy(out / "config.json", tmp_path / "config.json")
+        (out / "config.json").unlink()
+        (out / "config.json").symlink_to(tmp_path / "config.json")
+        name, kind = "config.json", "symbolic link"
+    before = sorted(p.name for p in out.iterdir())
+    assert _compile("--graphs", "embedding", "--no-verify", "-o", str(out), "--force") == 2
+    _one_error_line(capsys, f"the {kind} {name!r}", "does not list", "--force replaces only")
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert os.path.lexists(out / name)
+
+
+def test_a_stale_old_copy_is_removed_only_when_its_bundle_was_replaced(tmp_path):
+    """An .old directory of a killed replace: moved back when OUT is missing, left alone when
+    OUT is not a bundle, removed when OUT holds the (new) bundle."""
+    def old_copy(name: str) -> Path:
+        d = _staging(tmp_path, f".{name}.old-1-x", _dead_pid(), time.time())
+        (d / "decoder.onnx.data").unlink()
+        _fake_bundle(d / "bundle")
+        marker = json.loads((d / STAGING_MARKER).read_text())
+        (d / STAGING_MARKER).write_text(json.dumps({**marker, "target": name}))
+        return d
+
+    missing = old_copy("gone")
+    user_made = old_copy("users")
+    _user_files(tmp_path / "users")
+    replaced = old_copy("new")
+    _fake_bundle(tmp_path / "new")
+    assert sorted(remove_stale_staging(tmp_path)) == sorted([missing, replaced])  # emptied, then removed
+    assert not missing.exists() and (tmp_path / "gone" / "decoder.onnx").read_bytes() == b"graph"
+    BundleWriter(tmp_path / "gone", force=True).check_target()  # a whole bundle again
+    assert (user_made / "bundle" / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".users.old-1-x", "gone", "new", "users"]
