@@ -11,6 +11,7 @@ The word ``dynamic`` (at most once) adds the any-size vision graph, whose grid i
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 from .errors import UsageError
@@ -86,15 +87,28 @@ def split_buckets(buckets) -> tuple[tuple[VisionBucket, ...], DynamicVision | No
     return static, dynamic
 
 
-def _nearest(value: int, factor: int) -> str:
+def _nearest(value: int, factor: int, limit: int | None = None) -> str:
+    """The multiples of ``factor`` either side of ``value``, those up to ``limit`` (the largest
+    side the model's max_pixels allows) only; the limit itself when both are above it."""
     lo = (value // factor) * factor
     hi = lo + factor
-    choices = [c for c in (lo, hi) if c > 0]
+    choices = [c for c in (lo, hi) if c > 0 and (limit is None or c <= limit)]
+    if not choices and limit:
+        return f"{limit} (the largest the checkpoint's max_pixels allows)"
     return " or ".join(str(c) for c in choices)
 
 
-def parse_bucket(text: str, *, patch_size: int = 16, merge_size: int = 2) -> VisionBucket:
-    """Parse one bucket string; raise :class:`UsageError` (exit 2) with a helpful message."""
+def _side_limit(other: int, factor: int, max_pixels: int | None, square: bool) -> int | None:
+    """The largest multiple of ``factor`` a side may be with ``max_pixels`` (None: unknown)."""
+    if not max_pixels:
+        return None
+    side = math.isqrt(max_pixels) if square else max_pixels // max(other, 1)
+    return (side // factor) * factor
+
+
+def parse_bucket(text: str, *, patch_size: int = 16, merge_size: int = 2, max_pixels: int | None = None) -> VisionBucket:
+    """Parse one bucket string; raise :class:`UsageError` (exit 2) with a helpful message.
+    ``max_pixels`` (the checkpoint's, when known) bounds the sizes a refusal suggests."""
     factor = patch_size * merge_size
     m = _BUCKET_RE.match(text)
     if not m:
@@ -106,19 +120,20 @@ def parse_bucket(text: str, *, patch_size: int = 16, merge_size: int = 2) -> Vis
         )
     h = int(m.group(1))
     w = int(m.group(2)) if m.group(2) is not None else h
-    for label, side in (("height", h), ("width", w)):
+    for label, side, other in (("height", h, w), ("width", w, h)):
         if side <= 0:
             raise UsageError(f"bucket {text!r}: {label} must be a positive multiple of {factor}, got {side}")
         if side % factor:
+            limit = _side_limit(other, factor, max_pixels, square=m.group(2) is None)
             raise UsageError(
                 f"bucket {text!r}: {label} {side} is not a multiple of {factor} "
-                f"(patch {patch_size} x merge {merge_size}); nearest valid: {_nearest(side, factor)}"
+                f"(patch {patch_size} x merge {merge_size}); nearest valid: {_nearest(side, factor, limit)}"
             )
     return VisionBucket(h, w, patch_size=patch_size, merge_size=merge_size)
 
 
 def parse_buckets(
-    text: str, *, patch_size: int = 16, merge_size: int = 2
+    text: str, *, patch_size: int = 16, merge_size: int = 2, max_pixels: int | None = None
 ) -> tuple[VisionBucket | DynamicVision, ...]:
     """Parse ``"224,448,448x672,dynamic"``. Duplicates (also ``448`` and ``448x448``, or
     ``dynamic`` twice) are refused."""
@@ -136,7 +151,7 @@ def parse_buckets(
             buckets.append(DynamicVision(patch_size=patch_size, merge_size=merge_size))
             continue
         try:
-            b = parse_bucket(part, patch_size=patch_size, merge_size=merge_size)
+            b = parse_bucket(part, patch_size=patch_size, merge_size=merge_size, max_pixels=max_pixels)
         except UsageError as e:
             if "is not a size" not in str(e):
                 raise

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from .buckets import DYNAMIC, parse_buckets
 from .config import GRAPH_KINDS, TARGETS, CompileConfig
-from .options import EMBEDDING_PRECISIONS, LOGITS_MODES, PRECISIONS, DecoderOptions
+from .options import DEFAULT_CONTEXT_LENGTH, EMBEDDING_PRECISIONS, LOGITS_MODES, MAX_THREADS, PRECISIONS, DecoderOptions
 from .cli_io import OneLineParser, run_cli
+from .errors import UsageError
 from .parity import parity_summary
 
 
@@ -31,8 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, default=d.accuracy_level,
                    help=f"MatMulNBits accuracy_level (default {d.accuracy_level}: int8 compute)")
     p.add_argument("--keep-lm-head-fp", action="store_true", help="do not quantize lm_head in int4 mode")
-    p.add_argument("--context-length", type=int, default=d.context_length,
-                   help=f"KV cache / rotary table length (default {d.context_length})")
+    p.add_argument("--context-length", type=int, default=None,
+                   help=f"KV cache / rotary table length (default {DEFAULT_CONTEXT_LENGTH}, or the model's "
+                        "max_position_embeddings if smaller)")
     p.add_argument("--logits", default=d.logits, choices=LOGITS_MODES,
                    help=f"decoder logits for the last position only or all (default {d.logits})")
     p.add_argument("--embedding-precision", default=d.embedding_precision, choices=EMBEDDING_PRECISIONS,
@@ -45,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                         "included (adds the 'dynamic' vision graph when --buckets lacks it)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity gate (figures are then not measured)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--threads", type=int, default=0, help="threads for PyTorch and ONNX Runtime (0: library default)")
+    p.add_argument("--threads", type=int, default=0, help=f"threads for PyTorch and ONNX Runtime (0: library default; at most {MAX_THREADS})")
     p.add_argument("--cache-dir", type=Path, default=None, help="where presets are materialised")
     g = p.add_mutually_exclusive_group()
     g.add_argument("-v", "--verbose", action="store_true", default=None, help="show progress even when not on a terminal")
@@ -80,10 +82,18 @@ def _compile(argv: list[str], on_writer=None) -> int:
     if args.target == "ort-genai" and DYNAMIC not in [b.strip().lower() for b in buckets.split(",")]:
         # onnxruntime-genai sends every image size to one vision graph.
         buckets = f"{buckets},{DYNAMIC}"
+    try:
+        parsed = parse_buckets(buckets)
+    except UsageError:
+        # The same refusal again, its suggested sizes within this checkpoint's max_pixels.
+        max_pixels = _max_pixels(args.model, args.cache_dir)
+        if max_pixels:
+            parse_buckets(buckets, max_pixels=max_pixels)
+        raise
     cfg = CompileConfig(
         model=args.model,
         output=args.output,
-        buckets=parse_buckets(buckets),
+        buckets=parsed,
         decoder=DecoderOptions(
             precision=args.precision,
             block_size=args.block_size,
@@ -107,6 +117,21 @@ def _compile(argv: list[str], on_writer=None) -> int:
     manifest = compile_bundle(cfg, on_writer=on_writer)
     _print_summary(cfg, manifest)
     return 0
+
+
+def _max_pixels(model: str, cache_dir) -> int | None:
+    """The checkpoint's max_pixels (preprocessor_config.json), or None when it cannot be read
+    (the load stage reports that properly)."""
+    from .bundle.manifest import read_json_object
+    from .errors import Qwen3VLCompileError
+    from .model.checkpoint import resolve_model_source
+    from .runtime.preprocess import ProcessorConfig
+
+    try:
+        path = resolve_model_source(model, cache_dir=cache_dir)
+        return ProcessorConfig.from_dict(read_json_object(path / "preprocessor_config.json", UsageError)).max_pixels
+    except (Qwen3VLCompileError, OSError, ValueError, TypeError):
+        return None
 
 
 def _print_summary(cfg: CompileConfig, manifest: dict) -> None:

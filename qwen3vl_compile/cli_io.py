@@ -47,13 +47,35 @@ def _run(main: Callable[[], int], prog: str, interrupted: str | Callable[[], str
         sys.stdout.flush()
         return code
     except BrokenPipeError:
-        # The reader went away: whatever we had to do is done. Point stdout at /dev/null so
-        # the interpreter's final flush does not fail again.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+        # The reader went away: whatever we had to do is done.
+        _silence_stdout()
         return 0
+    except OSError as e:
+        # Standard output itself cannot be written (``> /dev/full``, a full disk): the work is
+        # done (a compiled bundle is complete), only its report is lost. Any other OSError is
+        # not ours to explain here.
+        if not _stdout_broken():
+            raise
+        print(f"{prog}: error: [output] cannot write to standard output: {e.strerror or e} "
+              "(the work itself finished; only this report was lost)", file=sys.stderr)
+        _silence_stdout()
+        return 1
+
+
+def _stdout_broken() -> bool:
+    try:
+        sys.stdout.flush()
+    except OSError:
+        return True
+    return False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _ignore_interrupts_from_now_on() -> None:

@@ -17,6 +17,7 @@ Parity failures of stages 2-5 are collected and reported together; nothing is wr
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import shutil
 from pathlib import Path
@@ -69,7 +70,9 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None, *,
         writer.protect(path)
         ck = Checkpoint.open(path)
         ck.check_tokenizer()
+        ck.check_chat()
         _check_bucket_geometry(ck, cfg)
+        cfg = _resolve_context_length(ck, cfg, progress)
         if "decoder" in cfg.graphs:
             check_build_options(ck.config, cfg.decoder.precision, cfg.decoder.block_size)
         source = {
@@ -354,9 +357,24 @@ def _check_bucket_geometry(ck: Checkpoint, cfg: CompileConfig) -> None:
             raise UsageError(f"--buckets {b.name}: exporting it needs about {need / 2**30:.0f} GiB for attention alone, "
                              f"more than this machine's {avail / 2**30:.0f} GiB available")
     max_pos = ck.text_config.get("max_position_embeddings")
-    context = cfg.decoder.context_length
-    if "decoder" in cfg.graphs and max_pos and context > max_pos:
+    context = cfg.decoder.context_length  # None: the default, which adapts (see _resolve_context_length)
+    if "decoder" in cfg.graphs and max_pos and context is not None and context > max_pos:
         raise UsageError(f"--context-length {context}: above the model's max_position_embeddings {max_pos}")
+
+
+def _resolve_context_length(ck: Checkpoint, cfg: CompileConfig, progress: Progress) -> CompileConfig:
+    """The default context length (none given) becomes a number: DEFAULT_CONTEXT_LENGTH, or the
+    model's max_position_embeddings when that is smaller, which is then said."""
+    from .options import DEFAULT_CONTEXT_LENGTH
+
+    if cfg.decoder.context_length is not None:
+        return cfg
+    max_pos = ck.text_config.get("max_position_embeddings")
+    context = cfg.decoder.context_for(max_pos)
+    if context < DEFAULT_CONTEXT_LENGTH:
+        progress.log(f"context length {context}: the model's max_position_embeddings (the default "
+                     f"{DEFAULT_CONTEXT_LENGTH} is above it; --context-length sets another)")
+    return dataclasses.replace(cfg, decoder=cfg.decoder.replace(context_length=context))
 
 
 def _quiet_libraries(verbose: bool) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .buckets import VisionBucket
 from .errors import UsageError
-from .options import PRECISIONS, DecoderOptions, whole_number  # noqa: F401 - PRECISIONS re-exported for the CLI
+from .options import PRECISIONS, DecoderOptions, check_threads  # noqa: F401 - PRECISIONS re-exported for the CLI
 
 GRAPH_KINDS = ("vision", "embedding", "decoder")
 # onnx: the bundle for qwen3vl-run / Pipeline; ort-genai: also loadable by onnxruntime-genai.
@@ -38,7 +38,7 @@ class CompileConfig:
         unknown = [g for g in self.graphs if g not in GRAPH_KINDS]
         if unknown or not self.graphs:
             raise UsageError(f"--graphs: unknown graph kind(s) {unknown}; choose from {', '.join(GRAPH_KINDS)}")
-        whole_number(self.threads, "--threads", 0)
+        check_threads(self.threads)
         if self.decoder.embedding_precision == "int4" and not {"embedding", "decoder"} <= set(self.graphs):
             raise UsageError("--embedding-precision int4 shares the decoder's INT4 lm_head: it needs both the "
                              "embedding and decoder graphs")

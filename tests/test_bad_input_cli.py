@@ -4,6 +4,8 @@ a failed check). Output piped into a closed pipe and an ASCII-only terminal are 
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import subprocess
@@ -55,6 +57,9 @@ COMPILE_CASES = [
     (["--cache-dir", "/proc/qwen3vl-cache"], 1, "cannot write the 'tiny-random' preset"),
     (["--model", "/nonexistent/ckpt"], 1, "no such directory"),
     (["--threads", "two"], 2, "invalid int value"),
+    (["--threads", "100000"], 2, "[arguments] --threads 100000: at most"),
+    (["--buckets", "99999"], 2, "nearest valid: 4096 (the largest the checkpoint's max_pixels allows)"),
+    (["--buckets", "224,448x4001"], 2, "width 4001 is not a multiple of 32 (patch 16 x merge 2); nearest valid: 4000 or 4032"),
 ]
 
 
@@ -87,6 +92,7 @@ RUN_CASES = [
     (["--top-p", "0"], 2, "--top-p must be in (0, 1]"),
     (["--image", "__DIR__"], 2, "is a directory"),
     (["--max-new-tokens", "1.5"], 2, "invalid int value"),
+    (["--threads", "100000"], 2, "[input] threads 100000: at most"),
 ]
 
 
@@ -124,6 +130,48 @@ def test_python_api_types(bundle, images):
             pipe.generate(**args)
     with pytest.raises(RuntimeInputError, match="threads must be"):
         Pipeline.load(bundle, threads=-2)
+    with pytest.raises(RuntimeInputError, match="threads 100000: at most"):
+        Pipeline.load(bundle, threads=100000)
+
+
+def test_threads_are_capped_everywhere(bundle, capsys):
+    """One cap (options.check_threads, 4 per CPU) for compile, run, eval, verify and the API."""
+    from qwen3vl_compile.buckets import parse_buckets
+    from qwen3vl_compile.config import CompileConfig
+    from qwen3vl_compile.errors import UsageError
+    from qwen3vl_compile.options import MAX_THREADS
+    from qwen3vl_compile.runtime.eval import main as eval_main
+
+    too_many = str(MAX_THREADS + 1)
+    _one_line(capsys, 2, _exit_code(bundle_main, ["verify", str(bundle), "--threads", too_many]), f"--threads {too_many}: at most")
+    _one_line(capsys, 2, _exit_code(eval_main, [str(bundle), "no-items.jsonl", "--threads", too_many]), f"threads {too_many}: at most")
+    with pytest.raises(UsageError, match="at most"):
+        CompileConfig(model="tiny", output="o", buckets=parse_buckets("224"), threads=MAX_THREADS + 1)
+    CompileConfig(model="tiny", output="o", buckets=parse_buckets("224"), threads=MAX_THREADS)
+
+
+class _FullDisk(io.RawIOBase):
+    """A standard output on a full disk (what ``> /dev/full`` gives): every write fails."""
+
+    full = True
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return len(b)
+
+
+def test_stdout_on_a_full_disk_after_the_bundle_was_written(tmp_path, capsys, monkeypatch):
+    raw = _FullDisk()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BufferedWriter(raw)))
+    out = tmp_path / "e"
+    rc = compile_main(["--model", "tiny-random", "--graphs", "embedding", "--precision", "fp32", "-o", str(out), "-q"])
+    raw.full = False  # let the fake stream close quietly
+    _one_line(capsys, 1, rc, "[output] cannot write to standard output: No space left on device")
+    assert bundle_main(["verify", str(out)]) == 0  # the bundle is complete and valid
 
 
 def _sh(cmd: str, **env) -> subprocess.CompletedProcess:

@@ -172,7 +172,7 @@ def test_missing_mrope_section_refused(tmp_path, tiny_path, capsys):
     config["text_config"].pop("rope_parameters", None)
     config["text_config"].pop("rope_scaling", None)
     d = _fake_checkpoint(tmp_path, config)
-    assert main(["--model", str(d), "-o", str(tmp_path / "o"), "-q"]) == 1
+    assert main(["--model", str(d), "-o", str(tmp_path / "o"), "-q"]) == 2  # a config refusal
     assert "mrope_section" in capsys.readouterr().err
 
 

@@ -60,7 +60,9 @@ def verify_bundle(root: Path, *, threads: int = 0) -> int:
     from .check import check_files, check_manifest_integrity, load_manifest
     from ..runtime.session import ort_session
     from .goldens import check_golden, check_interface
+    from ..options import check_threads
 
+    check_threads(threads)
     m = load_manifest(root)
     check_manifest_integrity(root, m)
     problems = check_files(root, m)

@@ -60,8 +60,12 @@ class DecoderSpec:
     deepstack_levels: int
 
     @classmethod
-    def from_checkpoint(cls, ck: Checkpoint, context_length: int) -> "DecoderSpec":
+    def from_checkpoint(cls, ck: Checkpoint, context_length: int | None) -> "DecoderSpec":
+        """``context_length`` None: the default, capped at the model's max_position_embeddings."""
+        from ..options import DEFAULT_CONTEXT_LENGTH
+
         t = ck.text_config
+        context_length = context_length or DEFAULT_CONTEXT_LENGTH
         rope = ck.rope
         head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
         return cls(

@@ -37,9 +37,11 @@ def resolve_model_source(spec: str, *, cache_dir: Path | None = None, log=None) 
     if is_preset(spec):
         try:
             return materialize_preset(spec, cache_dir, log=log)
-        except OSError as e:
-            where = e.filename or cache_dir or "the cache directory"
-            raise LoadError(f"cannot write the {spec!r} preset to {where}: {e.strerror or e} (set --cache-dir)") from None
+        except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError, or as a library's own error
+            # (safetensors' SafetensorError wraps the IoError); the half-built directory is already removed.
+            where = getattr(e, "filename", None) or cache_dir or "the cache directory"
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            raise LoadError(f"cannot write the {spec!r} preset to {where}: {reason} (set --cache-dir)") from None
     path = Path(spec).expanduser()
     if not path.exists():
         presets = ", ".join(sorted(PRESETS))
@@ -49,10 +51,21 @@ def resolve_model_source(spec: str, *, cache_dir: Path | None = None, log=None) 
     return path
 
 
+# Qwen3VLTextConfig.default_theta (the MoE text config's too): the RoPE base when config.json names none.
+DEFAULT_ROPE_THETA = 500000.0
+
+
 def _rope_dict(text_cfg: dict) -> dict:
-    # transformers 5.x writes `rope_parameters`; older checkpoints say `rope_scaling`.
-    rope = text_cfg.get("rope_parameters") or text_cfg.get("rope_scaling") or {}
-    return dict(rope)
+    """The text RoPE parameters read the way transformers 5 does
+    (``RotaryEmbeddingConfigMixin.convert_rope_params_to_dict`` / ``standardize_rope_params``):
+    a legacy ``rope_scaling``, when set, replaces ``rope_parameters`` whole; ``type`` is the old
+    name of ``rope_type`` (``rope_type`` wins when both are there; ``default`` when neither);
+    ``rope_theta`` from the dict, else text_config's ``rope_theta``, else 500000."""
+    rope = text_cfg.get("rope_scaling") or text_cfg.get("rope_parameters") or {}
+    rope = dict(rope) if isinstance(rope, dict) else {}
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    rope.setdefault("rope_theta", text_cfg.get("rope_theta", DEFAULT_ROPE_THETA))
+    return rope
 
 
 @dataclasses.dataclass
@@ -84,28 +97,17 @@ class Checkpoint:
             raise LoadError(f"{path}: config.json has no vision_config")
         from .support import check_config
 
-        check_config(config)
-        rope = _rope_dict(text)
-        section = rope.get("mrope_section")
-        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-        if not section:
-            raise LoadError(
-                f"{path}: text_config.rope_parameters.mrope_section (or rope_scaling.mrope_section) is missing; "
-                "Qwen3-VL needs the MRoPE sections"
-            )
-        if sum(section) != head_dim // 2:
-            raise LoadError(
-                f"{path}: text_config mrope_section {section} sums to {sum(section)}, expected head_dim/2 = {head_dim // 2}"
-            )
+        check_config(config)  # RoPE, MRoPE sections and the DeepStack levels among the rest
         pre_file = path / "preprocessor_config.json"
         if not pre_file.is_file():
             raise LoadError(f"{path}: no preprocessor_config.json (the image processor settings are needed)")
         preprocessor = read_json_object(pre_file, LoadError)
         ck = cls(path=path, config=config, preprocessor=preprocessor)
         ck._check_weights_present()
-        from .support import check_text_weights
+        from .support import check_text_weights, check_vision_weights
 
         check_text_weights(ck)
+        check_vision_weights(ck)
         return ck
 
     @functools.cached_property
@@ -153,6 +155,31 @@ class Checkpoint:
                 raise LoadError(f"{self.path}: tokenizer vocabulary lacks {token} (config.{field} = {want})")
             if want is not None and got != want:
                 raise LoadError(f"{self.path}: tokenizer maps {token} to {got} but config.{field} = {want}")
+
+    def check_chat(self) -> None:
+        """What the bundle's runtime needs of the chat files, checked with its own code: the
+        generation ids are token ids of this vocabulary, and the chat template renders a user
+        turn with an image (a template that does not parse, or is missing, is refused here,
+        not at the first qwen3vl-run)."""
+        from .support import check_generation_ids
+
+        check_generation_ids(self)
+        import jinja2
+
+        from ..errors import BundleError
+        from ..runtime.chat import ChatFormatter, build_messages
+
+        try:
+            chat = ChatFormatter(self.path)
+        except BundleError as e:  # no chat template, no tokenizer.json
+            raise LoadError(e.args[0]) from None
+        except jinja2.TemplateSyntaxError as e:
+            raise LoadError(f"{self.path}: the chat template has a syntax error at line {e.lineno}: {e.message}") from None
+        try:
+            chat.render(build_messages("Describe the image.", 1))
+        except Exception as e:  # a template can raise anything (raise_exception, TypeError, UndefinedError, ...)
+            raise LoadError(f"{self.path}: the chat template does not render a user turn with an image "
+                            f"({type(e).__name__}: {e})") from None
 
     # ---- config accessors ----------------------------------------------------------
     @property
@@ -218,28 +245,35 @@ class Checkpoint:
         self._wmap = wmap
         return wmap
 
-    def _header(self, f: Path) -> dict[str, tuple[int, ...]]:
-        """Names and shapes in one safetensors file (its header only); a file that is not
-        readable safetensors is a one-line LoadError."""
+    def _header(self, f: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Names -> (shape, safetensors dtype such as ``BF16``) in one safetensors file (its
+        header only); a file that is not readable safetensors is a one-line LoadError."""
         cache = self.__dict__.setdefault("_headers", {})
         if f not in cache:
             from safetensors import safe_open
 
             try:
                 with safe_open(str(f), framework="pt") as fh:
-                    cache[f] = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+                    cache[f] = {k: (tuple(sl.get_shape()), sl.get_dtype()) for k in fh.keys() for sl in [fh.get_slice(k)]}
             except Exception as e:  # safetensors raises its own error types (and OSError)
                 raise LoadError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from None
         return cache[f]
 
-    def shape(self, key: str) -> tuple[int, ...]:
+    def _entry(self, key: str) -> tuple[tuple[int, ...], str]:
         f = self._weight_map().get(key)
         if f is None:
             raise LoadError(f"{self.path}: weight {key!r} not found")
-        shape = self._header(f).get(key)
-        if shape is None:
+        entry = self._header(f).get(key)
+        if entry is None:
             raise LoadError(f"{self.path}: {f.name} does not hold {key!r}, which model.safetensors.index.json puts there")
-        return shape
+        return entry
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entry(key)[0]
+
+    def dtype(self, key: str) -> str:
+        """The stored dtype as the safetensors header names it (``F32``, ``BF16``, ``I8``, ...)."""
+        return self._entry(key)[1]
 
     def _check_weights_present(self) -> None:
         wmap = self._weight_map()

@@ -26,15 +26,89 @@ def _positive_int(section: dict, name: str, field: str) -> int:
     return value
 
 
+# Sizes that may be absent (transformers then uses its default) or, for num_key_value_heads,
+# null (= num_attention_heads), but never anything other than a positive integer.
+_TEXT_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings")
+_VISION_OPTIONAL_SIZES = ("in_channels",)
+# Flags transformers' @strict configs type as bool: "false" (a string) is not false.
+_TEXT_FLAGS = ("attention_bias", "use_sliding_window", "tie_word_embeddings", "norm_topk_prob")
+_TOP_FLAGS = ("tie_word_embeddings",)
+
+
+def _optional_positive_int(section: dict, name: str, field: str) -> None:
+    if section.get(field) is not None:
+        _positive_int(section, name, field)
+
+
+def _flag(section: dict, name: str, field: str) -> bool:
+    value = section.get(field, False)
+    if not isinstance(value, bool):
+        raise UnsupportedError(f"{name}.{field}: {value!r} (true or false is required, not a {type(value).__name__})")
+    return value
+
+
+def _positive_number(section: dict, name: str, field: str) -> None:
+    value = section.get(field)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")):
+        raise UnsupportedError(f"{name}.{field}: {value!r} (a positive number is required)")
+
+
+def _check_rope(config: dict, text: dict) -> None:
+    """The text RoPE as transformers reads it (checkpoint._rope_dict): the default MRoPE only,
+    interleaved, three sections that add up to head_dim/2."""
+    from .checkpoint import _rope_dict
+
+    for field in ("rope_scaling", "rope_parameters"):
+        value = text.get(field)
+        if value is not None and not isinstance(value, dict):
+            raise UnsupportedError(f"text_config.{field}: {value!r} (an object is required)")
+        top = config.get(field)
+        if isinstance(top, dict) and top.get("rope_type", top.get("type", "default")) != "default":
+            # transformers reads the text RoPE from text_config only: neither it nor the bundle would scale.
+            raise UnsupportedError(f"config.json {field} (top level): rope_type "
+                                   f"{top.get('rope_type', top.get('type'))!r} is not supported (transformers ignores it "
+                                   "there; only 'default' MRoPE in text_config)")
+    rope = _rope_dict(text)
+    where = "text_config." + ("rope_scaling" if text.get("rope_scaling") else "rope_parameters")
+    if rope["rope_type"] != "default":
+        raise UnsupportedError(f"{where} rope_type: {rope['rope_type']!r} is not supported (only 'default' MRoPE)")
+    if rope.get("mrope_interleaved", True) is not True:
+        raise UnsupportedError(f"{where} mrope_interleaved: {rope.get('mrope_interleaved')!r} is not supported "
+                               "(only Qwen3-VL's interleaved MRoPE)")
+    _positive_number(rope, where, "rope_theta")
+    section = rope.get("mrope_section")
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    if section is None:
+        raise UnsupportedError(f"{where}.mrope_section is missing; Qwen3-VL needs the MRoPE sections")
+    if (not isinstance(section, list) or len(section) != 3
+            or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in section)):
+        raise UnsupportedError(f"{where}.mrope_section: {section!r} (three positive integers, for time, height and "
+                               "width, are required)")
+    if sum(section) != head_dim // 2:
+        raise UnsupportedError(f"{where}.mrope_section: {section} sums to {sum(section)}, expected head_dim/2 = "
+                               f"{head_dim // 2}")
+
+
 def check_config(config: dict) -> None:
-    """Refuse config values outside what the vision, embedding and decoder graphs compute."""
+    """Refuse config values outside what the vision, embedding and decoder graphs compute,
+    and values of the wrong JSON type (sizes that are not positive integers, flags that are
+    not true/false), each named with its value."""
     from ..export.moe import is_moe_layer, num_experts
 
     text, vision = config["text_config"], config["vision_config"]
     for field in _TEXT_REQUIRED:
         _positive_int(text, "text_config", field)
+    for field in _TEXT_OPTIONAL_SIZES:
+        _optional_positive_int(text, "text_config", field)
     for field in _VISION_REQUIRED:
         _positive_int(vision, "vision_config", field)
+    for field in _VISION_OPTIONAL_SIZES:
+        _optional_positive_int(vision, "vision_config", field)
+    for field in _TEXT_FLAGS:
+        _flag(text, "text_config", field)
+    for field in _TOP_FLAGS:
+        _flag(config, "config", field)
+    _positive_number(text, "text_config", "rms_norm_eps")
     act = text.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedError(f"text_config.hidden_act: {act!r} is not supported (the decoder computes SiLU-gated MLPs)")
@@ -42,21 +116,20 @@ def check_config(config: dict) -> None:
         raise UnsupportedError("text_config.attention_bias: true is not supported (the decoder's attention has no biases)")
     if text.get("use_sliding_window"):
         raise UnsupportedError("text_config.use_sliding_window: true is not supported (full causal attention only)")
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise UnsupportedError(f"text_config rope_type: {rope_type!r} is not supported (only 'default' MRoPE)")
-    if rope.get("mrope_interleaved", True) is not True:
-        raise UnsupportedError(f"text_config mrope_interleaved: {rope.get('mrope_interleaved')!r} is not supported "
-                               "(only Qwen3-VL's interleaved MRoPE)")
     heads, kv = text["num_attention_heads"], text.get("num_key_value_heads") or text["num_attention_heads"]
     if heads % kv:
         raise UnsupportedError(f"text_config.num_key_value_heads: {kv} does not divide num_attention_heads {heads}")
+    _check_rope(config, text)
     layers = text["num_hidden_layers"]
     experts = num_experts(text)
     if experts:
         k = _positive_int(text, "text_config", "num_experts_per_tok")
         _positive_int(text, "text_config", "moe_intermediate_size")
+        if "decoder_sparse_step" in text:  # every decoder_sparse_step-th layer is sparse (transformers: 1)
+            _positive_int(text, "text_config", "decoder_sparse_step")
+        only = text.get("mlp_only_layers")
+        if only is not None and (not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only)):
+            raise UnsupportedError(f"text_config.mlp_only_layers: {only!r} (a list of layer indexes is required)")
         if k > experts:
             raise UnsupportedError(f"text_config.num_experts_per_tok: {k} is more than num_experts {experts}")
         if text.get("shared_expert_intermediate_size"):
@@ -70,12 +143,39 @@ def check_config(config: dict) -> None:
     if vision["out_hidden_size"] != text["hidden_size"]:
         raise UnsupportedError(f"vision_config.out_hidden_size: {vision['out_hidden_size']} differs from "
                                f"text_config.hidden_size {text['hidden_size']}")
-    levels = vision.get("deepstack_visual_indexes") or []
-    if any(not isinstance(i, int) or not 0 <= i < vision["depth"] for i in levels):
-        raise UnsupportedError(f"vision_config.deepstack_visual_indexes: {levels} (each must be a block index below "
-                               f"depth {vision['depth']})")
+    levels = vision.get("deepstack_visual_indexes")
+    if not isinstance(levels, list) or not levels:
+        raise UnsupportedError(f"vision_config.deepstack_visual_indexes: {levels!r} (a non-empty list of vision block "
+                               "indexes is required: the graphs carry at least one DeepStack level)")
+    if (any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vision["depth"] for i in levels)
+            or len(set(levels)) != len(levels)):
+        raise UnsupportedError(f"vision_config.deepstack_visual_indexes: {levels} (each must be a distinct block index "
+                               f"below depth {vision['depth']})")
     if len(levels) > layers:
         raise UnsupportedError(f"vision_config.deepstack_visual_indexes: {len(levels)} levels for {layers} text layers")
+
+
+def check_generation_ids(ck) -> None:
+    """generation_config.json's token ids (the runtime's stop ids among them) are integers of
+    this vocabulary: ``eos_token_id`` an id or a list of ids, ``bos``/``pad`` an id or null."""
+    gen, vocab = ck.generation_config, ck.text_config["vocab_size"]
+
+    def bad(field, value):
+        raise UnsupportedError(f"generation_config.json {field}: {value!r} (a token id, an integer in 0..{vocab - 1}, "
+                               f"{'or a list of them ' if field == 'eos_token_id' else ''}is required)")
+
+    def is_id(v):
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab
+
+    for field in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        value = gen.get(field)
+        if value is None:
+            continue
+        if field == "eos_token_id" and isinstance(value, list):
+            if not value or not all(map(is_id, value)):
+                bad(field, value)
+        elif not is_id(value):
+            bad(field, value)
 
 
 def text_weight_shapes(ck) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -113,9 +213,33 @@ def text_weight_shapes(ck) -> dict[str, tuple[tuple[int, ...], ...]]:
     return need
 
 
+def vision_weight_shapes(ck) -> dict[str, tuple[int, ...]]:
+    """Every vision tensor Qwen3VLVisionModel holds (suffix under the vision prefix) -> its
+    shape, from the vision config."""
+    v = ck.vision_config
+    H, inter, depth, out = v["hidden_size"], v["intermediate_size"], v["depth"], v["out_hidden_size"]
+    merged = H * v["spatial_merge_size"] ** 2
+    need = {"patch_embed.proj.weight": (H, v.get("in_channels") or 3, v["temporal_patch_size"], v["patch_size"], v["patch_size"]),
+            "patch_embed.proj.bias": (H,), "pos_embed.weight": (v["num_position_embeddings"], H),
+            "merger.norm.weight": (H,), "merger.norm.bias": (H,)}
+    for i in range(depth):
+        p = f"blocks.{i}."
+        need.update({p + "norm1.weight": (H,), p + "norm1.bias": (H,), p + "norm2.weight": (H,), p + "norm2.bias": (H,),
+                     p + "attn.qkv.weight": (3 * H, H), p + "attn.qkv.bias": (3 * H,), p + "attn.proj.weight": (H, H),
+                     p + "attn.proj.bias": (H,), p + "mlp.linear_fc1.weight": (inter, H), p + "mlp.linear_fc1.bias": (inter,),
+                     p + "mlp.linear_fc2.weight": (H, inter), p + "mlp.linear_fc2.bias": (H,)})
+    mergers = ["merger."] + [f"deepstack_merger_list.{j}." for j in range(len(v["deepstack_visual_indexes"]))]
+    for p in mergers:
+        need.update({p + "linear_fc1.weight": (merged, merged), p + "linear_fc1.bias": (merged,),
+                     p + "linear_fc2.weight": (out, merged), p + "linear_fc2.bias": (out,)})
+        if p != "merger.":  # DeepStack mergers normalise after the 2x2 shuffle
+            need.update({p + "norm.weight": (merged,), p + "norm.bias": (merged,)})
+    return need
+
+
 def check_text_weights(ck) -> None:
-    """Every text tensor present with the shape the config implies (headers only: no weight
-    is read)."""
+    """Every text tensor present with the shape the config implies and a float dtype (headers
+    only: no weight is read)."""
     from .checkpoint import TEXT_PREFIXES
 
     for suffix, shapes in text_weight_shapes(ck).items():
@@ -128,11 +252,29 @@ def check_text_weights(ck) -> None:
         _check_shape(ck, key, ((ck.text_config["vocab_size"], ck.text_config["hidden_size"]),))
 
 
+def check_vision_weights(ck) -> None:
+    """Every vision tensor present with the shape the vision config implies and a float dtype
+    (headers only)."""
+    from .checkpoint import VISION_PREFIXES
+
+    for suffix, shape in vision_weight_shapes(ck).items():
+        _check_shape(ck, ck.find(suffix, VISION_PREFIXES), (shape,))
+
+
+# The safetensors dtypes the graphs take weights in; integer or bool tensors would be cast
+# to float silently (a quantized or corrupted checkpoint), so they are refused.
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
 def _check_shape(ck, key: str, shapes) -> None:
     got = ck.shape(key)
     if got not in shapes:
         want = " or ".join(str(list(s)) for s in shapes)
         raise LoadError(f"{ck.path}: weight {key} has shape {list(got)}, config.json implies {want}")
+    dtype = ck.dtype(key)
+    if dtype not in FLOAT_DTYPES:
+        raise UnsupportedError(f"{ck.path}: weight {key} is stored as {dtype}; only float weights "
+                               f"({', '.join(FLOAT_DTYPES)}) are supported")
 
 
 def check_build_options(config: dict, precision: str, block_size: int) -> None:

@@ -210,9 +210,10 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = _parser().parse_args(argv)
-    from ..options import whole_number
+    from ..options import check_threads, whole_number
     from .pipeline import Pipeline
 
+    check_threads(args.threads, "--threads", RuntimeInputError)
     whole_number(args.limit, "--limit", 0, RuntimeInputError)
     whole_number(args.max_new_tokens, "--max-new-tokens", 1, RuntimeInputError)
     items = load_items(args.items)

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..bundle.check import open_checked
-from ..options import whole_number
+from ..options import check_threads, whole_number
 from .session import ort_session
 from ..errors import BundleError, GenerationError, RuntimeInputError
 from .chat import ChatFormatter
@@ -46,7 +46,7 @@ class GenerationResult:
 
 class Pipeline:
     def __init__(self, root: Path, manifest: dict, *, threads: int = 0, on_miss: str = "fallback"):
-        whole_number(threads, "threads", 0, RuntimeInputError)
+        check_threads(threads, "threads", RuntimeInputError)
 
         self.root = Path(root)
         self.manifest = manifest
@@ -80,6 +80,7 @@ class Pipeline:
 
     @classmethod
     def load(cls, root, *, threads: int = 0, on_miss: str = "fallback", skip_hash_check: bool = False) -> "Pipeline":
+        check_threads(threads, "threads", RuntimeInputError)  # before any hashing
         manifest = open_checked(Path(root), skip_hash_check=skip_hash_check)
         return cls(Path(root), manifest, threads=threads, on_miss=on_miss)
 
