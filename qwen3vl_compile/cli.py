@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                         "included (adds the 'dynamic' vision graph when --buckets lacks it)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity gate (figures are then not measured)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--sign-key", type=Path, default=None,
+                   help="sign the bundle (model.sig) with this PEM elliptic-curve private key; needs the sign extra")
     p.add_argument("--threads", type=int, default=0, help=f"threads for PyTorch and ONNX Runtime (0: library default; at most {MAX_THREADS})")
     p.add_argument("--cache-dir", type=Path, default=None, help="where presets are materialised")
     g = p.add_mutually_exclusive_group()
@@ -58,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     exiting = argv is None  # the console script: the process ends when this returns
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("inspect", "verify"):
+    if argv and argv[0] in ("inspect", "verify", "sign"):
         from .bundle import cli as bundle_cli
 
         return bundle_cli.main(argv, exiting=exiting)
@@ -111,6 +113,7 @@ def _compile(argv: list[str], on_writer=None) -> int:
         cache_dir=args.cache_dir,
         verbose=False if args.quiet else args.verbose,
         command=tuple(["qwen3vl-compile", *argv]),
+        sign_key=args.sign_key,
     )
     from .compiler import compile_bundle
 
@@ -135,7 +138,7 @@ def _max_pixels(model: str, cache_dir) -> int | None:
 
 
 def _print_summary(cfg: CompileConfig, manifest: dict) -> None:
-    print(f"wrote {cfg.output}")
+    print(f"wrote {cfg.output}" + (" (signed: model.sig)" if cfg.sign_key is not None else ""))
     for name, g in manifest["graphs"].items():
         parity = manifest["parity"].get(name)
         verdict = parity_summary(parity) if parity else "parity not verified"

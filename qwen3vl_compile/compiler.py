@@ -28,6 +28,7 @@ from .model.checkpoint import Checkpoint, resolve_model_source
 from .config import CompileConfig
 from .errors import LoadError, UsageError, VerifyError, WriteError
 from .bundle.manifest import assemble, hash_files, write_manifest
+from .bundle.signing import check_signing_key, sign as sign_bundle
 from .bundle.records import GoldenRef, GraphEntry, ParityRecord, StageResult
 from .presets import is_preset
 from .progress import Progress
@@ -63,6 +64,8 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None, *,
     if on_writer is not None:
         on_writer(writer)
     writer.check_target()  # fail before any expensive work
+    if cfg.sign_key is not None:
+        check_signing_key(cfg.sign_key)
     check_upstream()
 
     with progress.stage("load"):
@@ -121,6 +124,9 @@ def _build(ck: Checkpoint, cfg: CompileConfig, source: dict, generation: dict, w
                                 timings=progress.timings, peak_rss_bytes=peak_rss_bytes())
             hash_files(staging, manifest, exclude=(STAGING_MARKER,))
             write_manifest(staging, manifest)
+            if cfg.sign_key is not None:  # signed in staging: a signed bundle appears at once
+                (staging / STAGING_MARKER).unlink(missing_ok=True)  # the signature covers only the bundle
+                sign_bundle(staging, cfg.sign_key, check=False)
         writer.commit()
     return manifest
 

@@ -33,6 +33,7 @@ class CompileConfig:
     cache_dir: Path | None = None
     verbose: bool | None = None
     command: tuple[str, ...] = ()
+    sign_key: Path | None = None  # PEM private key: the bundle gets model.sig (bundle/signing.py)
 
     def __post_init__(self):
         unknown = [g for g in self.graphs if g not in GRAPH_KINDS]

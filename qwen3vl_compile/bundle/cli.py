@@ -1,4 +1,5 @@
-"""``qwen3vl-compile inspect OUT`` and ``qwen3vl-compile verify OUT`` (torch-free).
+"""``qwen3vl-compile inspect OUT``, ``qwen3vl-compile verify OUT [--public-key PUB]`` and
+``qwen3vl-compile sign OUT --key KEY`` (torch-free).
 
 ``verify`` checks the manifest's integrity and every file's size and sha256, then reruns each
 graph's golden input with ONNX Runtime and prints a table of max errors; exit 0 only when
@@ -23,6 +24,7 @@ def _fmt_bytes(n: int) -> str:
 
 def inspect_bundle(root: Path) -> int:
     from .check import check_manifest_integrity, load_manifest
+    from .signing import integrity_line
 
     m = load_manifest(root)
     integrity = "ok"
@@ -33,6 +35,7 @@ def inspect_bundle(root: Path) -> int:
     src = m.get("source", {})
     print(f"bundle     {Path(root).resolve()}")
     print(f"schema     {m['schema']} v{m['schema_version']}   created {m.get('created')}   manifest integrity {integrity}")
+    print(integrity_line(root))
     print(f"tool       {m['tool']['name']} {m['tool']['version']}; " + ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items() if v))
     print(f"source     {src.get('model')} ({src.get('architecture')}), config sha256 {str(src.get('config_sha256'))[:16]}")
     print(f"options    " + ", ".join(f"{k}={v}" for k, v in m.get("options", {}).items()))
@@ -56,14 +59,17 @@ def inspect_bundle(root: Path) -> int:
     return 0
 
 
-def verify_bundle(root: Path, *, threads: int = 0) -> int:
+def verify_bundle(root: Path, *, threads: int = 0, public_key: Path | None = None) -> int:
     from .check import check_files, check_manifest_integrity, load_manifest
     from ..runtime.session import ort_session
     from .goldens import check_golden, check_interface
     from ..options import check_threads
+    from .signing import SIGNATURE, integrity_line, verify as verify_signature
 
     check_threads(threads)
     m = load_manifest(root)
+    # The signature first: it vouches for every file, the manifest included.
+    print(verify_signature(root, public_key) if public_key is not None else integrity_line(root))
     check_manifest_integrity(root, m)
     problems = check_files(root, m)
     if problems:
@@ -72,7 +78,7 @@ def verify_bundle(root: Path, *, threads: int = 0) -> int:
         print(f"verify: {len(problems)} file problem(s); graphs were not run")
         return 1
     print(f"files: {len(m['files'])} ok (sizes and sha256 match the manifest)")
-    known = set(m["files"]) | {"manifest.json"}
+    known = set(m["files"]) | {"manifest.json", SIGNATURE}
     for p in sorted(Path(root).rglob("*")):
         rel = p.relative_to(root).as_posix()
         if p.is_file() and rel not in known:
@@ -117,7 +123,17 @@ def _main(argv: list[str]) -> int:
     p.add_argument("bundle", type=Path)
     if argv[0] == "verify":
         p.add_argument("--threads", type=int, default=0)
+        p.add_argument("--public-key", type=Path, default=None,
+                       help="check the bundle's signature (model.sig) with this PEM public key first")
+    if argv[0] == "sign":
+        p.add_argument("--key", type=Path, required=True, help="PEM elliptic-curve private key (P-256/384/521)")
     args = p.parse_args(argv[1:])
     if argv[0] == "inspect":
         return inspect_bundle(args.bundle)
-    return verify_bundle(args.bundle, threads=args.threads)
+    if argv[0] == "sign":
+        from .signing import integrity_line, sign
+
+        print(f"wrote {sign(args.bundle, args.key)}")
+        print(integrity_line(args.bundle))
+        return 0
+    return verify_bundle(args.bundle, threads=args.threads, public_key=args.public_key)

@@ -18,7 +18,8 @@ What ``OUT`` may be (checked before any expensive work, and again just before th
 - a path that does not exist yet (its parent must exist), or
 - with ``force`` only: an empty directory or a previous bundle of ours that passes the
   bundle check (``manifest.json`` with our schema and version, matching its own hash, every
-  listed file present with its recorded hash) and holds nothing else: no unlisted file,
+  listed file present with its recorded hash) and holds nothing else but its signature
+  (``model.sig``): no unlisted file,
   directory, symbolic link, FIFO or socket;
 - never the current directory or one of its parents, never the model directory, anything
   above it, or an existing directory inside it.
@@ -40,6 +41,7 @@ from ..errors import BundleError, UsageError, WriteError
 from ..testhooks import pause
 from .check import check_files, check_manifest_integrity
 from .manifest import MANIFEST, SCHEMA, load_manifest
+from .signing import SIGNATURE
 
 # The marker file inside a staging (or .old) directory: {"tool", "pid", "created"} and, in an
 # .old directory, "target" (the name of the OUT it was moved from) and "staging" (the name of
@@ -101,7 +103,7 @@ def bundle_problem(path: Path) -> str | None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         return f"it does not match its {MANIFEST}: {problems[0]}{more}"
-    listed = set(files) | {MANIFEST}
+    listed = set(files) | {MANIFEST, SIGNATURE}  # the signature cannot be listed: it is made after the manifest
     folders = {p.as_posix() for rel in files for p in PurePosixPath(rel).parents if p.as_posix() != "."}
     for dirpath, dirnames, filenames in os.walk(path):  # does not follow symbolic links
         for name in sorted(dirnames + filenames):

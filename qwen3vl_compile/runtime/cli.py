@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming text")
     p.add_argument("--skip-hash-check", action="store_true", help="run even if files differ from the manifest's hashes")
+    p.add_argument("--public-key", default=None, help="PEM public key: refuse a bundle not signed by its private key")
     return p
 
 
@@ -43,7 +44,8 @@ def _run(argv) -> int:
     args = _parser().parse_args(argv)
     from .pipeline import Pipeline
 
-    pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss, skip_hash_check=args.skip_hash_check)
+    pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss, skip_hash_check=args.skip_hash_check,
+                         public_key=args.public_key)
     pieces = pipe.generate(
         images=args.image, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True,

@@ -79,8 +79,16 @@ class Pipeline:
         self.last_result: GenerationResult | None = None
 
     @classmethod
-    def load(cls, root, *, threads: int = 0, on_miss: str = "fallback", skip_hash_check: bool = False) -> "Pipeline":
+    def load(cls, root, *, threads: int = 0, on_miss: str = "fallback", skip_hash_check: bool = False,
+             public_key=None) -> "Pipeline":
+        """``public_key``: a PEM public key; the bundle must then carry a valid signature by its
+        private key (``qwen3vl-compile sign``), checked before anything else is read."""
         check_threads(threads, "threads", RuntimeInputError)  # before any hashing
+        if public_key is not None:
+            from ..bundle.signing import verify as verify_signature
+
+            verify_signature(Path(root), public_key)
+            skip_hash_check = True  # every file was just hashed against the signed list
         manifest = open_checked(Path(root), skip_hash_check=skip_hash_check)
         return cls(Path(root), manifest, threads=threads, on_miss=on_miss)
 
