@@ -10,7 +10,8 @@ manifest is assembled once, at the end, from those:
               Face in fp32 (whole depth, or a slice of the first layers for large models)
 5. genai      ``--target ort-genai``: wrappers and configs onnxruntime-genai loads, checked
 6. recheck    every golden rerun on the files as they will ship
-7. write      fallback weights, assets, manifest with hashes; atomic move into place
+7. write      fallback weights, assets, the text golden (golden/text.json), manifest with
+              hashes; atomic move into place
 
 Parity failures of stages 2-5 are collected and reported together; nothing is written then.
 """
@@ -27,6 +28,7 @@ from .bundle.writer import STAGING_MARKER, BundleWriter
 from .model.checkpoint import Checkpoint, resolve_model_source
 from .config import CompileConfig
 from .errors import LoadError, UsageError, VerifyError, WriteError
+from .bundle.goldens import write_text_golden
 from .bundle.manifest import assemble, hash_files, write_manifest
 from .bundle.signing import check_signing_key, sign as sign_bundle
 from .bundle.records import GoldenRef, GraphEntry, ParityRecord, StageResult
@@ -119,6 +121,8 @@ def _build(ck: Checkpoint, cfg: CompileConfig, source: dict, generation: dict, w
                 src = ck.path / name
                 if src.is_file():
                     shutil.copy2(src, staging / name)
+            # The text side's golden, computed by the runtime's code from the files just copied.
+            result.sections["text_golden"] = write_text_golden(staging, ck.preprocessor)
             manifest = assemble(command=list(cfg.command), source=source, options=cfg.options_json(),
                                 processor=ck.preprocessor, generation=generation, result=result,
                                 timings=progress.timings, peak_rss_bytes=peak_rss_bytes())

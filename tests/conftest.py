@@ -93,3 +93,14 @@ def noise_images(tmp_path_factory):
         return out
 
     return make
+
+
+@pytest.fixture(scope="session")
+def vision_bundle(tmp_path_factory):
+    """The tiny model at fp32 with two small buckets (224 and 256): the smallest bundle with
+    vision graphs (about 15 s on 2 cores). Tests that change it work on a copy."""
+    from qwen3vl_compile.cli import main as compile_main
+
+    out = tmp_path_factory.mktemp("vision") / "bundle"
+    assert compile_main(["--model", "tiny-random", "--buckets", "224,256", "--precision", "fp32", "-o", str(out), "-q"]) == 0
+    return out

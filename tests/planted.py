@@ -20,3 +20,27 @@ def swap_mrope_streams(model):
         if node.op_type == "MRotaryEmbedding":
             node.replace_input_with(1, gather.outputs[0])
     return model
+
+
+def rehash_bundle(root, manifest: dict | None = None, *, drop_missing: bool = True) -> dict:
+    """What someone altering a bundle would do to pass the hash checks: recompute the bytes
+    and sha256 of every file the manifest lists (``manifest``: an edited manifest to write
+    instead of the one on disk), then its ``manifest_sha256``. Files the manifest does not
+    list stay unlisted; listed files that are gone are dropped (``drop_missing``)."""
+    import json
+    from pathlib import Path
+
+    from qwen3vl_compile.bundle.manifest import MANIFEST, sha256_file, write_manifest
+
+    root = Path(root)
+    m = manifest if manifest is not None else json.loads((root / MANIFEST).read_text())
+    files = m.get("files")
+    if isinstance(files, dict):
+        for rel in list(files):
+            p = root / rel
+            if p.is_file():
+                files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            elif drop_missing:
+                del files[rel]
+    write_manifest(root, m)
+    return m

@@ -142,12 +142,13 @@ def test_verify_catches_a_wrong_golden_result(bundle, capsys):
 @slow
 def test_verify_checks_interfaces_and_lists_stray_files(bundle, capsys):
     """A manifest whose claims were edited and re-hashed (bucket 448 said to be 480) fails on
-    the graph's real interface; files the manifest does not know are listed."""
+    the graph's real interface; files the manifest does not know are listed and fail."""
     from qwen3vl_compile.bundle.manifest import write_manifest
 
     (bundle / "notes.txt").write_text("mine")
     rc, out = _verify(bundle, capsys)
-    assert rc == 0 and "UNKNOWN  notes.txt" in out.out
+    assert rc == 1 and "UNKNOWN  notes.txt" in out.out and "notes.txt" in out.err  # any unlisted file fails
+    (bundle / "notes.txt").unlink()
     m = json.loads((bundle / "manifest.json").read_text())
     b448 = next(b for b in m["buckets"] if b["name"] == "448")
     b448.update(height=480, width=480, grid_thw=[1, 30, 30], num_tokens=225)

@@ -4,7 +4,8 @@
   of the manifest's canonical JSON without that field), so an edited manifest is caught;
 - every file the manifest lists must exist with the recorded size and sha256 (a missing
   file, a truncated external-data file, or a graph copied from another bundle all fail);
-- every graph's files must be listed.
+- every graph's files must be listed;
+- :func:`unknown_files`: what lies in the bundle unlisted (``verify`` fails on it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BundleError
-from .manifest import MANIFEST, canonical_sha256, load_manifest, sha256_file
+from .manifest import MANIFEST, SIGNATURE, canonical_sha256, load_manifest, sha256_file
 
 
 def check_manifest_integrity(root: Path, manifest: dict) -> None:
@@ -46,6 +47,16 @@ def check_files(root: Path, manifest: dict, *, hashes: bool = True) -> list[str]
         if sha256_file(p) != info["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest (modified, or from another bundle)")
     return problems
+
+
+def unknown_files(root: Path, manifest: dict) -> list[str]:
+    """Every file (or link) under ``root`` that the manifest does not list, besides the
+    manifest itself. The runtime never reads one (it opens only listed names); ``verify``
+    fails on them, since another loader (onnxruntime-genai, transformers) might."""
+    root = Path(root)
+    known = set(manifest.get("files") or {}) | {MANIFEST, SIGNATURE}
+    return [rel for p in sorted(root.rglob("*"))
+            if (p.is_file() or p.is_symlink()) and (rel := p.relative_to(root).as_posix()) not in known]
 
 
 def open_checked(root: Path, *, skip_hash_check: bool = False) -> dict:

@@ -1,16 +1,19 @@
 """``qwen3vl-compile inspect OUT``, ``qwen3vl-compile verify OUT [--public-key PUB]`` and
 ``qwen3vl-compile sign OUT --key KEY`` (torch-free).
 
-``verify`` checks the manifest's integrity and every file's size and sha256, then reruns each
-graph's golden input with ONNX Runtime and prints a table of max errors; exit 0 only when
-everything is within the recorded tolerances.
+``verify`` checks the manifest's shape and integrity, every file's size and sha256, that the
+bundle holds no file the manifest does not list, the text golden (chat template, tokenizer,
+processor settings), then each graph's interface and its golden input with ONNX Runtime,
+judged with this tool's tolerance table for the recorded precision; it prints a table of max
+errors and exits 0 only when everything holds (else one ``[verify]`` line on stderr, exit 1).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import BundleError
+from ..errors import BundleError, VerifyError
+from ..options import check_threads
 from ..parity import parity_summary
 
 
@@ -60,11 +63,13 @@ def inspect_bundle(root: Path) -> int:
 
 
 def verify_bundle(root: Path, *, threads: int = 0, public_key: Path | None = None) -> int:
-    from .check import check_files, check_manifest_integrity, load_manifest
+    """Print the check, one row per graph output; return 0 when everything holds, else raise
+    VerifyError naming what failed (one line on stderr, exit 1). With ``public_key`` the
+    bundle's signature is checked first."""
+    from .check import check_files, check_manifest_integrity, load_manifest, unknown_files
     from ..runtime.session import ort_session
-    from .goldens import check_golden, check_interface
-    from ..options import check_threads
-    from .signing import SIGNATURE, integrity_line, verify as verify_signature
+    from .goldens import check_golden, check_interface, check_text_golden, table_tolerance
+    from .signing import integrity_line, verify as verify_signature
 
     check_threads(threads)
     m = load_manifest(root)
@@ -76,38 +81,86 @@ def verify_bundle(root: Path, *, threads: int = 0, public_key: Path | None = Non
         for p in problems:
             print(f"FAIL  {p}")
         print(f"verify: {len(problems)} file problem(s); graphs were not run")
-        return 1
+        raise VerifyError(f"{root}: {len(problems)} file problem(s), graphs not run: " + "; ".join(problems))
     print(f"files: {len(m['files'])} ok (sizes and sha256 match the manifest)")
-    known = set(m["files"]) | {"manifest.json", SIGNATURE}
-    for p in sorted(Path(root).rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel not in known:
-            print(f"UNKNOWN  {rel}: not written by the compiler (the manifest does not list it)")
-    rows, ok = [], True
-    for name, graph in m.get("graphs", {}).items():
-        session = ort_session(Path(root) / graph["file"], threads)
-        problems = check_interface(session, m, name)
-        for p in problems:
-            rows.append((name, "interface", "-", "-", f"FAIL ({p})"))
-        ok &= not problems
-        entry = m.get("parity", {}).get(name, {})
-        if "golden" not in entry:
-            if str(entry.get("golden_source", "")).startswith("not recorded"):
-                rows.append((name, "-", "-", "-", f"no golden: {entry['golden_source']}"))
-                continue
-            rows.append((name, "-", "-", "-", "no golden (compiled with --no-verify)"))
-            ok = False
-            continue
-        res = check_golden(root, m, name, threads=threads, session=session)
-        for o in res.cases["golden"]:
-            status = "ok" if o.passed else "FAIL"
-            ok &= o.passed
-            rows.append((name, o.name, f"{o.max_abs:.2e}", f"{o.max_rel:.2e}", f"{status} (tolerance {o.tolerance:.1e})"))
+    failed: list[str] = []
+    unknown = unknown_files(root, m)
+    for rel in unknown:
+        print(f"UNKNOWN  {rel}: not written by the compiler (the manifest does not list it)")
+    if unknown:
+        failed.append(f"{len(unknown)} file(s) the manifest does not list ({', '.join(unknown[:5])}"
+                      f"{', ...' if len(unknown) > 5 else ''}): remove them")
+    text = check_text_golden(root, m)
+    for p in text:
+        print(f"FAIL  text golden: {p}")
+    print("text golden: " + ("ok (chat template, tokenizer, stop tokens, processor settings as compiled)" if not text
+                             else f"FAIL ({len(text)} difference(s))"))
+    if text:
+        failed.append("text golden (tokenizer, chat template or processor settings differ from the compile's)")
+    rows, bad_graphs = [], []
+    for name, graph in m["graphs"].items():
+        graph_ok = _verify_graph(root, m, name, graph, threads, rows, ort_session, check_interface, check_golden,
+                                 table_tolerance)
+        if not graph_ok:
+            bad_graphs.append(name)
     widths = [max(len(str(r[i])) for r in rows + [("graph", "output", "max abs", "max rel", "verdict")]) for i in range(5)]
     for r in [("graph", "output", "max abs", "max rel", "verdict"), *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-    print("verify: " + ("all graphs within tolerance" if ok else "FAILED"))
-    return 0 if ok else 1
+    if bad_graphs:
+        failed.insert(0, f"{len(bad_graphs)} of {len(m['graphs'])} graph(s) failed ({', '.join(bad_graphs)})")
+    if failed:
+        print("verify: FAILED")
+        raise VerifyError(f"{root}: " + "; ".join(failed))
+    print("verify: all graphs within tolerance")
+    return 0
+
+
+def _verify_graph(root, m, name, graph, threads, rows, ort_session, check_interface, check_golden, table_tolerance) -> bool:
+    """One graph: load, interface, golden at the table's tolerance; rows appended; ok?"""
+    def fail(what, verdict):
+        rows.append((name, what, "-", "-", f"FAIL ({verdict})"))
+        return False
+
+    entry = m.get("parity", {}).get(name, {})
+    if "golden" not in entry:
+        if str(entry.get("golden_source", "")).startswith("not recorded"):
+            rows.append((name, "-", "-", "-", f"no golden: {entry['golden_source']}"))
+            return True
+        return fail("-", "no golden (compiled with --no-verify)")
+    try:
+        tolerance = table_tolerance(m, name)
+    except BundleError as e:
+        return fail("-", str(e).removeprefix("[bundle] "))
+    try:
+        session = ort_session(Path(root) / graph["file"], threads)
+    except Exception as e:  # onnxruntime's own error types: a file it cannot load
+        return fail("load", f"ONNX Runtime cannot load it: {_first_line(e)}")
+    problems = check_interface(session, m, name)
+    if problems:  # the golden would not fit this graph: stop here
+        for p in problems:
+            rows.append((name, "interface", "-", "-", f"FAIL ({p})"))
+        return False
+    recorded = entry["golden"].get("tolerance_max_rel")
+    if recorded != tolerance:
+        rows.append((name, "-", "-", "-", f"note: the manifest's tolerance {recorded!r} is ignored; "
+                                          f"this tool's table says {tolerance:.1e}"))
+    try:
+        res = check_golden(root, m, name, threads=threads, session=session)
+    except BundleError as e:
+        return fail("golden", str(e).removeprefix("[bundle] "))
+    except Exception as e:  # the golden's arrays do not fit the graph (onnxruntime raises)
+        return fail("golden", f"the golden cannot run: {_first_line(e)}")
+    ok = True
+    for o in res.cases["golden"]:
+        ok &= o.passed
+        rows.append((name, o.name, f"{o.max_abs:.2e}", f"{o.max_rel:.2e}",
+                     f"{'ok' if o.passed else 'FAIL'} (tolerance {o.tolerance:.1e})"))
+    return ok
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
 
 
 def main(argv: list[str], *, exiting: bool = False) -> int:

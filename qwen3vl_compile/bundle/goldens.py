@@ -2,10 +2,15 @@
 
 At compile time each graph keeps one input and its PyTorch reference output in
 ``golden/<graph>.npz``; :func:`check_golden` runs the graph on that input and compares with
-the tolerance recorded in the manifest: the precision's gate where there is one (fp32:
-1e-4), or the tolerance the compile recorded with the golden; for graphs without a gate
-(bundles from older versions) "no worse than measured at
-compile time", with a margin for other CPUs' int8 kernels.
+the tolerance of this tool's own table (``parity.TOLERANCES``) for the graph's kind and
+recorded precision (:func:`table_tolerance`): never the tolerance written in the manifest
+being checked, and a precision the table does not know fails.
+
+The text side has a golden too (``golden/text.json``, :func:`text_golden`): fixed prompts
+with images rendered through the bundle's chat template and tokenizer (text and token ids),
+the stop tokens, the vision placeholder ids, and the processed grid and pixels of fixed
+image sizes, as the runtime's own code computed them at compile time;
+:func:`check_text_golden` recomputes it from the bundle's listed files and compares exactly.
 """
 
 from __future__ import annotations
@@ -14,7 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import interface_name
+import json
+
+from ..errors import BundleError
+from ..options import PRECISIONS
+from .manifest import BundleFiles, interface_name
 from ..parity import TOLERANCES, GraphParity, measure
 from ..runtime.session import ort_session
 
@@ -31,6 +40,36 @@ def golden_tolerance(kind: str, precision: str, compile_rel: float) -> float:
     if np.isfinite(gate):
         return gate
     return float(f"{max(compile_rel * 1.25, compile_rel + 1e-3):.3e}")
+
+
+MOE_ARCHITECTURES = ("Qwen3VLMoeForConditionalGeneration",)
+
+
+def table_tolerance(manifest: dict, name: str) -> float:
+    """The tolerance ``verify`` applies to graph ``name``'s golden: this tool's table entry
+    for the graph's kind and recorded precision (an int4 decoder built with int8 activations,
+    ``accuracy_level`` > 0, gets the activations' entry, as its compile-time gate did). A
+    wrapper graph (``source_graph``) is judged as its source. BundleError when the table has
+    no entry: a precision this qwen3vl-compile does not know."""
+    graphs = manifest["graphs"]
+    graph = graphs[name]
+    source = graphs.get(graph.get("source_graph"), graph)
+    kind, precision = graph["kind"], graph["precision"]
+    key = (kind, precision)
+    if precision not in PRECISIONS or key not in TOLERANCES:
+        known = ", ".join(p for k, p in TOLERANCES if k == kind) or "none"
+        raise BundleError(f"graph {name!r}: precision {precision!r} of a {kind} graph is not one this qwen3vl-compile "
+                          f"knows ({known})")
+    if kind == "decoder" and precision == "int4":
+        q = source.get("quantization")
+        level = q.get("accuracy_level") if isinstance(q, dict) else None
+        if isinstance(level, bool) or level not in (0, 1, 2, 3, 4):
+            raise BundleError(f"graph {name!r}: an int4 decoder must record its quantization's accuracy_level (0-4), "
+                              f"got {level!r}")
+        if level > 0:
+            moe = (manifest.get("source") or {}).get("architecture") in MOE_ARCHITECTURES
+            key = ("decoder", "int4-activations-moe" if moe else "int4-activations")
+    return TOLERANCES[key]
 
 
 def check_interface(session, manifest: dict, name: str) -> list[str]:
@@ -67,21 +106,28 @@ def check_interface(session, manifest: dict, name: str) -> list[str]:
 
 
 def check_golden(root: Path, manifest: dict, name: str, *, threads: int = 0, session=None) -> GraphParity:
-    """Graph ``name`` of a bundle's manifest on its recorded golden. ``session``: an already
-    created ONNX Runtime session of the graph (else one is made)."""
+    """Graph ``name`` of a bundle's manifest on its recorded golden, judged with this tool's
+    tolerance (:func:`table_tolerance`). ``session``: an already created ONNX Runtime
+    session of the graph (else one is made)."""
     parity = manifest["parity"][name]
-    return check_graph_golden(root, manifest["graphs"][name], parity["golden"], reference=parity["reference"],
-                              threads=threads, session=session)
+    return check_graph_golden(root, manifest["graphs"][name], parity["golden"], reference=str(parity.get("reference", "")),
+                              threads=threads, session=session, tolerance=table_tolerance(manifest, name))
 
 
 def check_graph_golden(root: Path, graph: dict, golden: dict, *, reference: str = "", threads: int = 0,
-                       session=None) -> GraphParity:
+                       session=None, tolerance: float | None = None) -> GraphParity:
     """One graph (its manifest entry, ``graph``) run on a golden (``golden``: the npz file
-    under ``root`` and the tolerance) and measured against the recorded reference output."""
+    under ``root``) and measured against the recorded reference output, within
+    ``tolerance`` (None: the compile's own in-memory ``golden["tolerance_max_rel"]``; a
+    bundle on disk is checked with :func:`check_golden`, which passes the table's)."""
     root = Path(root)
     name = graph["file"].removesuffix(".onnx")
-    data = dict(np.load(root / golden["file"]))
-    tol = float(golden["tolerance_max_rel"])
+    try:
+        with np.load(root / golden["file"]) as npz:
+            data = dict(npz)
+    except (OSError, ValueError, EOFError) as e:
+        raise BundleError(f"{golden['file']}: not a readable golden ({e})") from None
+    tol = float(golden["tolerance_max_rel"] if tolerance is None else tolerance)
     path = root / graph["file"]
     kind = graph["kind"]
     packing = graph.get("deepstack_packing")
@@ -133,3 +179,115 @@ def _run(session, names: list[str], feeds: dict, packing: dict | None) -> list:
     for packed, (features, deepstack) in wide.items():
         results[features], results[deepstack] = unpack(results.pop(packed), packing["levels"])
     return [results[n] for n in names]
+
+
+# -- the text side's golden -----------------------------------------------------------------
+
+TEXT_GOLDEN = "golden/text.json"
+# (prompt, system prompt, image sizes (height, width)): rendered through the bundle's chat
+# template and tokenizer, each image's pads expanded to its processed grid's token count.
+TEXT_GOLDEN_PROMPTS = (
+    ("Describe this image in one sentence.", None, ((448, 448),)),
+    ("What differs between these two pictures?", "You are a careful assistant.", ((300, 500), (64, 1000))),
+    ("Write 3 words about café crème, 東京 and 🙂.", None, ()),
+)
+# A fixed synthetic image, (height, width), run through the image processor.
+TEXT_GOLDEN_PIXELS = (100, 150)
+
+
+def _synthetic_image(height: int, width: int) -> np.ndarray:
+    i, j = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    return np.stack([(i * 7 + j * 13 + c * 50) % 256 for c in range(3)], axis=-1).astype(np.uint8)
+
+
+def text_golden(text) -> dict:
+    """What the text side computes, from a :class:`~qwen3vl_compile.runtime.text_side.TextSide`
+    (the runtime's own objects): one JSON object, compared exactly."""
+    from ..runtime.chat import build_messages, image_token_count
+    from ..runtime.preprocess import grid_for_size, preprocess
+
+    prompts = []
+    for prompt, system, sizes in TEXT_GOLDEN_PROMPTS:
+        grids = [list(grid_for_size(h, w, text.processor)) for h, w in sizes]
+        counts = [image_token_count(g, text.processor.merge_size) for g in grids]
+        ids = text.chat.encode(prompt, counts, system)[0].tolist()
+        prompts.append({
+            "prompt": prompt, "system": system, "image_sizes": [list(s) for s in sizes], "grids": grids,
+            "tokens_per_image": counts,
+            "rendered": text.chat.render(build_messages(prompt, len(sizes), system)),
+            "input_ids": ids,
+            "decoded": text.chat.decode(ids),
+        })
+    processed = preprocess(_synthetic_image(*TEXT_GOLDEN_PIXELS), text.processor)
+    pv = processed.pixel_values.astype(np.float64)
+    weights = np.arange(1, pv.size + 1, dtype=np.float64).reshape(pv.shape) / pv.size
+    return {
+        "prompts": prompts,
+        "stop_ids": sorted(int(i) for i in text.chat.stop_ids),
+        "image_token_id": text.image_token_id,
+        "video_token_id": text.video_token_id,
+        "merge_size": text.merge,
+        "pixels": {
+            "image_size": list(TEXT_GOLDEN_PIXELS), "resized": list(processed.resized),
+            "grid": list(processed.grid_thw), "shape": list(processed.pixel_values.shape),
+            "sum": float(pv.sum()), "sum_of_squares": float((pv * pv).sum()), "weighted_sum": float((pv * weights).sum()),
+        },
+    }
+
+
+def write_text_golden(root: Path, processor: dict) -> dict:
+    """At compile time, after the tokenizer, template and configs are in ``root``: the text
+    golden computed by the runtime's code into ``golden/text.json``; returns the manifest's
+    ``text_golden`` section."""
+    from ..runtime.text_side import TextSide
+
+    golden = text_golden(TextSide.load(BundleFiles.directory(root), processor))
+    path = Path(root) / TEXT_GOLDEN
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(golden, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"file": TEXT_GOLDEN, "prompts": len(golden["prompts"])}
+
+
+def _differences(recorded, now, where: str = "") -> list[str]:
+    """Where two golden JSON values differ (floats within 1e-9 relative), one line each."""
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(recorded) | set(now), key=str):
+            out += _differences(recorded.get(k), now.get(k), f"{where}.{k}" if where else str(k))
+        return out
+    if isinstance(recorded, list) and isinstance(now, list):
+        for i, (a, b) in enumerate(zip(recorded, now)):
+            diff = _differences(a, b, f"{where}[{i}]")
+            if diff:
+                return diff
+        return [] if len(recorded) == len(now) else [f"{where}: {len(now)} entries, the compile recorded {len(recorded)}"]
+    if isinstance(recorded, float) and isinstance(now, float) and not isinstance(recorded, bool):
+        if abs(recorded - now) <= 1e-9 * max(abs(recorded), abs(now), 1e-30):
+            return []
+    elif recorded == now and type(recorded) is type(now):
+        return []
+    show = lambda v: (repr(v)[:60] + "...") if len(repr(v)) > 60 else repr(v)  # noqa: E731
+    return [f"{where} is {show(now)}, the compile recorded {show(recorded)}"]
+
+
+def check_text_golden(root: Path, manifest: dict) -> list[str]:
+    """The text golden recomputed from the bundle's listed files: one message per
+    difference (empty: identical)."""
+    from ..errors import Qwen3VLCompileError
+    from ..runtime.text_side import TextSide
+
+    files = BundleFiles.of_manifest(root, manifest)
+    section = manifest.get("text_golden")
+    if section is None:
+        return ["the bundle has no text golden (compiled by an older qwen3vl-compile): its tokenizer, chat template "
+                "and processor settings cannot be checked"]
+    path = files.path(section["file"])
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return [f"{section['file']}: not readable JSON ({e})"]
+    try:
+        now = json.loads(json.dumps(text_golden(TextSide.load(files, manifest.get("processor") or {}))))
+    except (Qwen3VLCompileError, ValueError, TypeError, KeyError) as e:
+        return [f"the text side cannot be rebuilt from the bundle's files ({e})"]
+    return _differences(recorded, now)

@@ -25,9 +25,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import BundleError, UsageError
-from .manifest import MANIFEST, sha256_file
+from .manifest import SIGNATURE, sha256_file
 
-SIGNATURE = "model.sig"
 INSTALL_HINT = "pip install 'qwen3vl-compile[sign]'"
 UNSIGNED = "integrity: accidental changes only (unsigned)"
 
@@ -47,14 +46,6 @@ def _hashing_config(hashing):
     # default), so nothing in the directory escapes the signature.
     return hashing.Config().use_file_serialization(hashing_algorithm="sha256", allow_symlinks=False).set_ignored_paths(
         paths=[SIGNATURE], ignore_git_paths=False)
-
-
-def unlisted_files(root: Path, manifest: dict) -> list[str]:
-    """Files under ``root`` that are neither in the manifest, the manifest, nor the signature."""
-    root = Path(root)
-    known = set(manifest.get("files") or {}) | {MANIFEST, SIGNATURE}
-    return [p.relative_to(root).as_posix() for p in sorted(root.rglob("*"))
-            if (p.is_file() or p.is_symlink()) and p.relative_to(root).as_posix() not in known]
 
 
 def key_id(root: Path) -> str | None:
@@ -104,10 +95,10 @@ def sign(bundle_dir, private_key, *, check: bool = True) -> Path:
     root = Path(bundle_dir)
     hashing, config = _signer(private_key)
     if check:
-        from .check import open_checked
+        from .check import open_checked, unknown_files
 
         manifest = open_checked(root)
-        extra = unlisted_files(root, manifest)
+        extra = unknown_files(root, manifest)
         if extra:
             raise BundleError(f"{root}: holds file(s) its manifest does not list ({', '.join(extra)}); "
                               "not signing what the compiler did not write")

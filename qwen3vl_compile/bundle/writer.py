@@ -40,8 +40,7 @@ from pathlib import Path, PurePosixPath
 from ..errors import BundleError, UsageError, WriteError
 from ..testhooks import pause
 from .check import check_files, check_manifest_integrity
-from .manifest import MANIFEST, SCHEMA, load_manifest
-from .signing import SIGNATURE
+from .manifest import MANIFEST, SCHEMA, SIGNATURE, load_manifest
 
 # The marker file inside a staging (or .old) directory: {"tool", "pid", "created"} and, in an
 # .old directory, "target" (the name of the OUT it was moved from) and "staging" (the name of

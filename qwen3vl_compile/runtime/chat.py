@@ -30,27 +30,44 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def _read_json(path: Path) -> dict:
+def _files(source) -> "BundleFiles":
+    """A checkpoint directory (every file in it) or a bundle's :class:`BundleFiles` (only
+    the files its manifest lists)."""
+    from ..bundle.manifest import BundleFiles
+
+    return source if isinstance(source, BundleFiles) else BundleFiles.directory(Path(source))
+
+
+def _read_json(path: Path | None) -> dict:
+    """A JSON object file; ``{}`` when ``path`` is None (not there, or not listed)."""
+    if path is None:
+        return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise BundleError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise BundleError(f"{path}: not a JSON object")
+    return value
 
 
-def load_chat_template(root: Path) -> str:
+def load_chat_template(source) -> str:
     """The chat template: ``chat_template.jinja``, else ``chat_template.json``
     (``{"chat_template": ...}``), else ``tokenizer_config.json``'s ``chat_template`` (a string,
-    or a list of named templates of which ``default`` is used)."""
-    root = Path(root)
-    if (root / "chat_template.jinja").is_file():
-        return (root / "chat_template.jinja").read_text(encoding="utf-8")
-    for source in ("chat_template.json", "tokenizer_config.json"):
-        tmpl = _read_json(root / source).get("chat_template")
+    or a list of named templates of which ``default`` is used). ``source``: a checkpoint
+    directory or a bundle's :class:`BundleFiles` (a file its manifest does not list is not
+    looked at)."""
+    files = _files(source)
+    jinja = files.find("chat_template.jinja")
+    if jinja is not None:
+        return jinja.read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        tmpl = _read_json(files.find(name)).get("chat_template")
         if isinstance(tmpl, list):
             tmpl = next((t.get("template") for t in tmpl if isinstance(t, dict) and t.get("name") == "default"), None)
         if isinstance(tmpl, str):
             return tmpl
-    raise BundleError(f"{root}: no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)")
+    raise BundleError(f"{files.root}: no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)")
 
 
 def _environment():
@@ -146,21 +163,24 @@ class PromptInputs:
 
 
 class ChatFormatter:
-    """Chat template + tokenizer of a checkpoint or bundle directory."""
+    """Chat template + tokenizer of a checkpoint directory, or of a bundle (``root``: its
+    :class:`~qwen3vl_compile.bundle.manifest.BundleFiles`, so that only files its manifest
+    lists are read)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root):
         from tokenizers import Tokenizer
 
-        root = Path(root)
-        if not (root / "tokenizer.json").is_file():
-            raise BundleError(f"{root}: no tokenizer.json")
-        self.tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
-        self.template = _environment().from_string(load_chat_template(root))
-        config = _read_json(root / "tokenizer_config.json")
+        files = _files(root)
+        path = files.find("tokenizer.json")
+        if path is None:
+            raise BundleError(f"{files.root}: no tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.template = _environment().from_string(load_chat_template(files))
+        config = _read_json(files.find("tokenizer_config.json"))
         self.special_tokens = {k: _token_text(config[k]) for k in SPECIAL_TOKEN_NAMES if config.get(k) is not None}
         self.image_pad_id = self._require_id(IMAGE_PAD)
         self.video_pad_id = self._require_id(VIDEO_PAD)
-        self.stop_ids = frozenset(stop_token_ids(root, self.tokenizer))
+        self.stop_ids = frozenset(stop_token_ids(files, self.tokenizer))
 
     def _require_id(self, token: str) -> int:
         tid = self.tokenizer.token_to_id(token)
@@ -205,9 +225,9 @@ def _token_text(value) -> str:
     return value["content"] if isinstance(value, dict) else str(value)
 
 
-def stop_token_ids(root: Path, tokenizer) -> set[int]:
+def stop_token_ids(root, tokenizer) -> set[int]:
     """``generation_config.json``'s ``eos_token_id`` (int or list) plus <|im_end|> and <|endoftext|>."""
-    eos = _read_json(Path(root) / "generation_config.json").get("eos_token_id", [])
+    eos = _read_json(_files(root).find("generation_config.json")).get("eos_token_id", [])
     ids = {int(eos)} if isinstance(eos, int) else {int(i) for i in eos or []}
     ids.update(tid for tid in map(tokenizer.token_to_id, STOP_TOKENS) if tid is not None)
     return ids

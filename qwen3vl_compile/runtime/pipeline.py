@@ -12,7 +12,6 @@ and transformers are imported only when an image takes the PyTorch fallback.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -20,14 +19,15 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..bundle.check import open_checked
+from ..bundle.manifest import BundleFiles
 from ..options import check_threads, whole_number
 from .session import ort_session
 from ..errors import BundleError, GenerationError, RuntimeInputError
-from .chat import ChatFormatter
 from .decoder_session import DecoderSession
-from .preprocess import ProcessorConfig, load_image, preprocess
+from .preprocess import load_image, preprocess
 from .rope_index import decode_positions, get_rope_index
 from .sampling import Sampler, SamplingConfig
+from .text_side import TextSide
 from .vision import VisionEncoder, nearest_bucket
 
 
@@ -55,13 +55,11 @@ class Pipeline:
         for needed in ("embedding", "decoder"):
             if needed not in graphs:
                 raise BundleError(f"{root}: the bundle has no {needed} graph (compiled with --graphs?)")
-        self.config = json.loads((self.root / "config.json").read_text())
-        self.processor = ProcessorConfig.from_dict(manifest.get("processor") or {})
-        self.chat = ChatFormatter(self.root)
-        # The bundle's config.json names the vision tokens; else its tokenizer does.
-        self.image_token_id = self.config.get("image_token_id") or self.chat.tokenizer.token_to_id("<|image_pad|>")
-        self.video_token_id = self.config.get("video_token_id") or self.chat.tokenizer.token_to_id("<|video_pad|>")
-        self.merge = self.config.get("vision_config", {}).get("spatial_merge_size", 2)
+        # Every file is read through the manifest's list: a file it does not list is never opened.
+        self.files = BundleFiles.of_manifest(self.root, manifest)
+        text = TextSide.load(self.files, manifest.get("processor") or {})
+        self.config, self.processor, self.chat = text.config, text.processor, text.chat
+        self.image_token_id, self.video_token_id, self.merge = text.image_token_id, text.video_token_id, text.merge
         # Never generated (see Sampler): the image/video pads and <|vision_pad|>.
         self.placeholder_ids = {self.image_token_id, self.video_token_id, self.chat.tokenizer.token_to_id("<|vision_pad|>")}
 
@@ -69,13 +67,14 @@ class Pipeline:
             return ort_session(path, threads)
 
         self._session = session
-        self.embedding = session(self.root / graphs["embedding"]["file"])
+        self.embedding = session(self.files.path(graphs["embedding"]["file"]))
         spec = graphs["decoder"]["spec"]
         self.context_length = int(spec["context_length"])
         self.hidden = int(spec["hidden"])
         self.levels = int(spec["deepstack_levels"])
-        self.decoder = DecoderSession(self.root / graphs["decoder"]["file"], max_length=self.context_length, session=session(self.root / graphs["decoder"]["file"]))
-        self.vision = VisionEncoder(self.root, manifest, session, on_miss=on_miss)
+        decoder = self.files.path(graphs["decoder"]["file"])
+        self.decoder = DecoderSession(decoder, max_length=self.context_length, session=session(decoder))
+        self.vision = VisionEncoder(self.files, manifest, session, on_miss=on_miss)
         self.last_result: GenerationResult | None = None
 
     @classmethod

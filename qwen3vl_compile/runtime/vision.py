@@ -105,10 +105,15 @@ def nearest_bucket(buckets: list[BucketGraph], height: int, width: int) -> Bucke
 
 
 class VisionEncoder:
-    def __init__(self, root: Path, manifest: dict, session_factory, *, on_miss: str = "fallback"):
+    def __init__(self, root, manifest: dict, session_factory, *, on_miss: str = "fallback"):
+        """``root``: the bundle directory or its BundleFiles; graphs and fallback weights are
+        opened only when the manifest lists them."""
+        from ..bundle.manifest import BundleFiles
+
         if on_miss not in ON_MISS:
             raise RuntimeInputError(f"--on-miss {on_miss!r}: choose one of {', '.join(ON_MISS)}")
-        self.root = Path(root)
+        self.files = root if isinstance(root, BundleFiles) else BundleFiles.of_manifest(Path(root), manifest)
+        self.root = self.files.root
         self.manifest = manifest
         self.on_miss = on_miss
         self.buckets = buckets_from_manifest(manifest)
@@ -161,7 +166,7 @@ class VisionEncoder:
 
     def _session(self, file: str):
         if file not in self._sessions:
-            self._sessions[file] = self._session_factory(self.root / file)
+            self._sessions[file] = self._session_factory(self.files.path(file))
         return self._sessions[file]
 
     def _fallback_model(self):
@@ -171,5 +176,5 @@ class VisionEncoder:
                 raise BundleError(f"{self.root}: the bundle carries no fallback vision weights")
             from .fallback import FallbackVision
 
-            self._fallback = FallbackVision(self.root / "config.json", self.root / info["file"])
+            self._fallback = FallbackVision(self.files.path("config.json"), self.files.path(info["file"]))
         return self._fallback
