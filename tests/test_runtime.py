@@ -68,8 +68,10 @@ def test_greedy_tokens_equal_hf_generate(pipe, hf_generate, images, case):
 
 @slow
 def test_streaming_yields_the_same_text(pipe, images):
-    pieces = list(pipe.generate(images=[images["sq448"]], prompt="Describe this image.", max_new_tokens=12, stream=True))
-    assert "".join(pieces) == pipe.last_result.text and len(pipe.last_result.token_ids) == 12
+    stream = pipe.generate(images=[images["sq448"]], prompt="Describe this image.", max_new_tokens=12, stream=True)
+    assert stream.result is None
+    pieces = list(stream)
+    assert "".join(pieces) == stream.result.text and len(stream.result.token_ids) == 12
 
 
 @slow
@@ -136,7 +138,7 @@ def test_multimodal_placeholders_are_never_generated(pipe, images, monkeypatch):
     sampled decoding pick another one and generation goes on (the embedding graph has no
     image row to put in its place): the tokens are those of the same request without the
     boosted placeholders, whose logits are banned either way."""
-    real = pipe.decoder.run
+    real = pipe.engine.pool.run
     pads = sorted(i for i in pipe.placeholder_ids if i is not None)
     assert {151655, 151656, 151654} <= set(pads)
     requests = ({}, {"temperature": 1.0, "seed": 3})
@@ -147,7 +149,7 @@ def test_multimodal_placeholders_are_never_generated(pipe, images, monkeypatch):
         logits[0, -1, pads] = logits[0, -1].max() + 50.0
         return logits
 
-    monkeypatch.setattr(pipe.decoder, "run", run)
+    monkeypatch.setattr(pipe.engine.pool, "run", run)
     for kw, ref in zip(requests, unboosted):
         result = pipe.generate(images=[images["sq448"]], prompt="Describe", max_new_tokens=20, **kw)
         assert not set(result.token_ids) & set(pads)
@@ -159,14 +161,14 @@ def test_multimodal_placeholders_are_never_generated(pipe, images, monkeypatch):
 def test_nan_logits_stop_with_one_line_naming_the_step(pipe, bundle, images, monkeypatch, capsys):
     from qwen3vl_compile.errors import GenerationError
 
-    real, calls = pipe.decoder.run, []
+    real, calls = pipe.engine.pool.run, []
 
     def run(*a, **k):
         calls.append(1)
         logits = real(*a, **k)
         return np.full_like(logits, np.nan) if len(calls) == 3 else logits
 
-    monkeypatch.setattr(pipe.decoder, "run", run)
+    monkeypatch.setattr(pipe.engine.pool, "run", run)
     with pytest.raises(GenerationError, match=r"\[generate\] step 2: the decoder returned NaN or inf logits"):
         pipe.generate(images=[images["sq448"]], prompt="Describe", max_new_tokens=8)
 

@@ -54,7 +54,7 @@ def _run(argv) -> int:
         if not args.json:
             sys.stdout.write(piece)
             sys.stdout.flush()
-    result = pipe.last_result
+    result = pieces.result
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:

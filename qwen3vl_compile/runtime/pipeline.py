@@ -11,50 +11,43 @@ and transformers are imported only when an image takes the PyTorch fallback.
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..bundle.check import open_checked
 from ..bundle.manifest import BundleFiles
 from ..options import check_threads, whole_number
-from .session import ort_session
-from ..errors import BundleError, GenerationError, RuntimeInputError
-from .decoder_session import DecoderSession
+from ..errors import RuntimeInputError
+from .engine import Engine, EngineOptions
 from .preprocess import load_image, preprocess
-from .rope_index import decode_positions, get_rope_index
+from .request import GenerationResult, Prepared
+from .request import Sequence as RequestSequence
+from .rope_index import get_rope_index
 from .sampling import Sampler, SamplingConfig
+from .scheduler import Scheduler
 from .text_side import TextSide
-from .vision import VisionEncoder, nearest_bucket
-
-
-@dataclasses.dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    images: list[dict]
-    timings: dict[str, float]
-    stopped: str  # "stop_token" | "max_new_tokens" | "context"
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+from .vision import nearest_bucket
 
 
 class Pipeline:
-    def __init__(self, root: Path, manifest: dict, *, threads: int = 0, on_miss: str = "fallback"):
-        check_threads(threads, "threads", RuntimeInputError)
+    """A bundle, served: one :class:`~.engine.Engine` (sessions and KV pool) and one
+    :class:`~.scheduler.Scheduler` (batched decode). ``generate`` may be called from several
+    threads at once, or several streams advanced in turn: each call gets the tokens it would
+    get alone, and its own :class:`GenerationResult`. Up to ``max_batch`` requests decode
+    together; more wait for a slot."""
 
+    def __init__(self, root: Path, manifest: dict, *, threads: int = 0, on_miss: str = "fallback",
+                 max_batch: int = 1, max_length: int | None = None, providers=("CPUExecutionProvider",), log=None):
+        check_threads(threads, "threads", RuntimeInputError)
+        options = EngineOptions(threads=threads, providers=providers, max_batch=max_batch, max_length=max_length,
+                                on_miss=on_miss)
         self.root = Path(root)
         self.manifest = manifest
-        self.threads = threads
-        graphs = manifest.get("graphs", {})
-        for needed in ("embedding", "decoder"):
-            if needed not in graphs:
-                raise BundleError(f"{root}: the bundle has no {needed} graph (compiled with --graphs?)")
+        self.options = options
         # Every file is read through the manifest's list: a file it does not list is never opened.
         self.files = BundleFiles.of_manifest(self.root, manifest)
         text = TextSide.load(self.files, manifest.get("processor") or {})
@@ -62,26 +55,21 @@ class Pipeline:
         self.image_token_id, self.video_token_id, self.merge = text.image_token_id, text.video_token_id, text.merge
         # Never generated (see Sampler): the image/video pads and <|vision_pad|>.
         self.placeholder_ids = {self.image_token_id, self.video_token_id, self.chat.tokenizer.token_to_id("<|vision_pad|>")}
-
-        def session(path):
-            return ort_session(path, threads)
-
-        self._session = session
-        self.embedding = session(self.files.path(graphs["embedding"]["file"]))
-        spec = graphs["decoder"]["spec"]
-        self.context_length = int(spec["context_length"])
-        self.hidden = int(spec["hidden"])
-        self.levels = int(spec["deepstack_levels"])
-        decoder = self.files.path(graphs["decoder"]["file"])
-        self.decoder = DecoderSession(decoder, max_length=self.context_length, session=session(decoder))
-        self.vision = VisionEncoder(self.files, manifest, session, on_miss=on_miss)
-        self.last_result: GenerationResult | None = None
+        self.engine = Engine(self.files, manifest, options, log=log)
+        self.context_length = self.engine.max_length
+        self.hidden = self.engine.hidden
+        self.levels = self.engine.levels
+        self.vision = self.engine.vision
+        self.scheduler = Scheduler(self.engine)
 
     @classmethod
     def load(cls, root, *, threads: int = 0, on_miss: str = "fallback", skip_hash_check: bool = False,
-             public_key=None) -> "Pipeline":
+             public_key=None, max_batch: int = 1, max_length: int | None = None,
+             providers=("CPUExecutionProvider",), log=None) -> "Pipeline":
         """``public_key``: a PEM public key; the bundle must then carry a valid signature by its
-        private key (``qwen3vl-compile sign``), checked before anything else is read."""
+        private key (``qwen3vl-compile sign``), checked before anything else is read.
+        ``max_batch`` requests decode together (the KV pool's slots, of ``max_length`` tokens,
+        default the bundle's context length); ``log`` receives the pool's size."""
         check_threads(threads, "threads", RuntimeInputError)  # before any hashing
         if public_key is not None:
             from ..bundle.signing import verify as verify_signature
@@ -89,7 +77,18 @@ class Pipeline:
             verify_signature(Path(root), public_key)
             skip_hash_check = True  # every file was just hashed against the signed list
         manifest = open_checked(Path(root), skip_hash_check=skip_hash_check)
-        return cls(Path(root), manifest, threads=threads, on_miss=on_miss)
+        return cls(Path(root), manifest, threads=threads, on_miss=on_miss, max_batch=max_batch, max_length=max_length,
+                   providers=providers, log=log)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the requests in flight (cancelled after ``timeout`` seconds) and stop."""
+        self.scheduler.close(timeout)
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- public API ------------------------------------------------------------------
     def generate(
@@ -105,13 +104,33 @@ class Pipeline:
         seed: int | None = None,
         stream: bool = False,
     ):
+        """The answer as a :class:`GenerationResult`; with ``stream=True`` a
+        :class:`GenerationStream` of text pieces (its ``result`` is set once it is
+        exhausted; closing it early cancels the request)."""
         images = _check_api_inputs(images, prompt, system, max_new_tokens)
-        gen = self._generate(images, prompt, system, max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed))
+        sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        gen = GenerationStream(lambda: self.submit(images, prompt, system=system, max_new_tokens=max_new_tokens,
+                                                   sampling=sampling))
         if stream:
             return gen
         for _ in gen:
             pass
-        return self.last_result
+        return gen.result
+
+    def submit(self, images: Sequence = (), prompt: str = "", *, system: str | None = None, max_new_tokens: int = 128,
+               sampling: SamplingConfig = SamplingConfig(), sink=None) -> RequestSequence:
+        """Prepare a request in the calling thread (preprocess, vision, embedding) and queue
+        it for decoding; returns its :class:`~.request.Sequence` (read its events with
+        ``pieces()`` / ``apieces()``, or give ``sink`` a callable that takes them)."""
+        images = _check_api_inputs(images, prompt, system, max_new_tokens)
+        t_start = time.perf_counter()
+        prepared = self._prepare(images, prompt, system)
+        seq = RequestSequence(
+            prepared, sampler=Sampler(sampling, banned=self.placeholder_ids), stream=self.chat.stream(),
+            stop_ids=self.chat.stop_ids, max_new_tokens=max_new_tokens, context_length=self.context_length,
+            decode_text=self.chat.decode, t_start=t_start, sink=sink,
+        )
+        return self.scheduler.submit(seq)
 
     # -- steps ------------------------------------------------------------------------
     def _preprocess_images(self, images) -> tuple[list, list[dict], dict]:
@@ -141,9 +160,9 @@ class Pipeline:
             entry.update(served_by=result.served_by, vision_s=round(result.seconds, 4))
         return encoded
 
-    def _generate(self, images, prompt: str, system, max_new_tokens: int, sampling: SamplingConfig) -> Iterator[str]:
-        t_start = time.perf_counter()
-        sampler = Sampler(sampling, banned=self.placeholder_ids)
+    def _prepare(self, images, prompt: str, system) -> Prepared:
+        """Everything before the decoder, in the calling thread: images preprocessed (the
+        context checked before any vision work), encoded, the prompt embedded, its positions."""
         processed, image_info, timings = self._preprocess_images(list(images))
         input_ids = self.chat.encode(prompt, [p.num_tokens for p in processed], system)
         n_prompt = input_ids.shape[1]
@@ -156,64 +175,56 @@ class Pipeline:
         n_rows = sum(r.image_features.shape[0] for _, r in encoded)
         if n_pads != n_rows:
             raise RuntimeInputError(f"prompt has {n_pads} image pad tokens but the images give {n_rows} feature rows")
-        feats = np.concatenate([r.image_features for _, r in encoded]) if encoded else np.zeros((0, self.hidden), np.float32)
-        deep = np.concatenate([r.deepstack for _, r in encoded], axis=1) if encoded else np.zeros((self.levels, 0, self.hidden), np.float32)
         t = time.perf_counter()
-        embeds, deepstack = self.embedding.run(
-            ["inputs_embeds", "deepstack_embeds"],
-            {"input_ids": input_ids, "image_features": feats.astype(np.float32), "deepstack_features": deep.astype(np.float32)},
-        )
+        if encoded:
+            feats = np.concatenate([r.image_features for _, r in encoded])
+            deep = np.concatenate([r.deepstack for _, r in encoded], axis=1)
+            embeds, deepstack = self.engine.embed(input_ids, feats, deep)
+        else:
+            embeds, deepstack = self.engine.embed(input_ids)
         grids = [list(p.grid_thw) for p, _ in encoded]
         positions, rope_deltas = get_rope_index(
             input_ids, grids or None, image_token_id=self.image_token_id, video_token_id=self.video_token_id,
             spatial_merge_size=self.merge,
         )
-        self.decoder.reset()
-        logits = self.decoder.run(embeds, positions, deepstack)
-        timings["prefill_s"] = time.perf_counter() - t
-        timings["time_to_first_token_s"] = time.perf_counter() - t_start
-        budget = min(max_new_tokens, self.context_length - n_prompt)
-        out_ids: list[int] = []
-        stream = self.chat.stream()
-        stopped = "max_new_tokens" if budget == max_new_tokens else "context"
-        t_dec = time.perf_counter()
-        no_images = (np.zeros((0, self.hidden), np.float32), np.zeros((self.levels, 0, self.hidden), np.float32))
-        while True:
-            if not np.isfinite(logits[0, -1]).all():
-                raise GenerationError(
-                    f"step {len(out_ids)}: the decoder returned NaN or inf logits; the bundle computes garbage "
-                    "(files changed after compile, or an overflow): run `qwen3vl-compile verify` on it")
-            token = sampler(logits[0, -1])
-            if token in self.chat.stop_ids:
-                stopped = "stop_token"
-                break
-            out_ids.append(token)
-            piece = stream.push(token)
-            if piece:
-                yield piece
-            if len(out_ids) >= budget:
-                break
-            step_embeds, _ = self.embedding.run(
-                ["inputs_embeds", "deepstack_embeds"],
-                {"input_ids": np.array([[token]], np.int64), "image_features": no_images[0], "deepstack_features": no_images[1]},
-            )
-            pos = decode_positions(self.decoder.length, rope_deltas)
-            logits = self.decoder.run(step_embeds, pos)
-        tail = stream.finish()
-        if tail:
-            yield tail
-        decode_s = time.perf_counter() - t_dec
-        timings["decode_s"] = decode_s
-        timings["decode_tokens_per_s"] = (len(out_ids) - 1) / decode_s if len(out_ids) > 1 and decode_s > 0 else 0.0
-        timings["total_s"] = time.perf_counter() - t_start
-        self.last_result = GenerationResult(
-            text=self.chat.decode(out_ids),
-            token_ids=out_ids,
-            prompt_tokens=n_prompt,
-            images=image_info,
-            timings={k: round(v, 4) for k, v in timings.items()},
-            stopped=stopped,
-        )
+        timings["embed_s"] = time.perf_counter() - t
+        return Prepared(input_ids, embeds, deepstack, positions, int(np.asarray(rope_deltas).reshape(-1)[0]),
+                        image_info, timings)
+
+
+class GenerationStream:
+    """The text pieces of one ``generate(..., stream=True)`` call. The request starts at the
+    first ``next()``; :attr:`result` is this call's :class:`GenerationResult` once the
+    stream is exhausted; ``close()`` before that cancels the request (its slot is freed at
+    the next decode step)."""
+
+    def __init__(self, start):
+        self._start = start
+        self._seq: RequestSequence | None = None
+        self._pieces = None
+        self._closed = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self._closed:
+            raise StopIteration
+        if self._pieces is None:
+            self._seq = self._start()
+            self._pieces = self._seq.pieces()
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._pieces is not None:
+            self._pieces.close()
+
+    @property
+    def result(self) -> GenerationResult | None:
+        """This call's result: None until the stream ends (or when it was cancelled before
+        its request started)."""
+        return None if self._seq is None else self._seq.result
 
 
 def _check_api_inputs(images, prompt, system, max_new_tokens) -> list:

@@ -57,11 +57,23 @@ def dynamic_graph_from_manifest(manifest: dict) -> tuple[str, bool] | None:
     return max(found, key=lambda f: f[1]) if found else None
 
 
+def temporal_groups(grid_thw: np.ndarray) -> np.ndarray:
+    """Each ``(t, h, w)`` row as ``t`` rows ``(1, h, w)``. The vision tower attends within a
+    temporal group only, with the same rotary ids and position embeddings for every group,
+    and the processor packs a group's ``h * w`` patches contiguously: a grid of ``t`` groups
+    is ``t`` images of grid ``(1, h, w)``, whose two temporal slices are two frames."""
+    grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+    return np.concatenate([np.repeat([[1, h, w]], t, axis=0) for t, h, w in grid_thw]).astype(np.int64)
+
+
 def run_dynamic(session, pixel_values: np.ndarray, grid_thw: np.ndarray, per_image: bool):
     """``(image_features, deepstack_features)`` from an any-size vision graph for images
-    packed in ``pixel_values``: one call, or with a per-image graph one call per image,
-    outputs concatenated in order."""
+    packed in ``pixel_values``: one call, or with a per-image graph one call per temporal
+    group, outputs concatenated in order. A grid with ``t > 1`` is split into its temporal
+    groups first (see :func:`temporal_groups`): an any-size graph never sees several groups
+    as one segment (the per-image graph's attention has no mask)."""
     names = ["image_features", "deepstack_features"]
+    grid_thw = temporal_groups(grid_thw)
     if not per_image:
         return session.run(names, {"pixel_values": pixel_values, "image_grid_thw": grid_thw})
     feats, deep, start = [], [], 0

@@ -1,0 +1,167 @@
+"""The engine: a bundle's ONNX Runtime sessions and one KV pool, shared by every request.
+
+Built from one frozen :class:`EngineOptions` (threads, execution providers, ``max_batch``,
+``max_length``, the image-size policy), validated once. The pool holds ``max_batch`` slots
+of ``max_length`` tokens per layer (see :mod:`.decoder_session`); its size is computed,
+printed and checked against the memory this machine has available *before* anything is
+allocated. The engine offers:
+
+- :meth:`Engine.embed`: token ids (+ image rows) to input embeddings (thread-safe: any
+  thread may prepare a prompt while the scheduler decodes);
+- :meth:`Engine.prefill`: one sequence's prompt into one slot;
+- :meth:`Engine.decode`: one batched step for the sequences in slots ``[0, n)``: one
+  embedding call, one decoder run, per-row cache lengths and MRoPE positions;
+- :meth:`Engine.move`: a sequence's cache from one slot to another (the scheduler keeps the
+  active sequences in the first slots, so a step is always one contiguous run).
+
+Per-request state lives on :class:`~.request.Sequence`, never here. Only the scheduler's
+thread calls ``prefill``, ``decode`` and ``move``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from ..errors import BundleError, RuntimeInputError
+from ..options import whole_number
+from .decoder_session import DecoderPool
+from .rope_index import decode_positions
+from .session import ort_session
+from .vision import ON_MISS, VisionEncoder
+
+GIB = 1024**3
+# The pool may take at most this share of the memory available when it is made: the
+# sessions' weights and activations need the rest.
+POOL_MEMORY_SHARE = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """How a bundle is served. ``max_length`` None = the bundle's context length."""
+
+    threads: int = 0
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    max_batch: int = 1
+    max_length: int | None = None
+    on_miss: str = "fallback"
+
+    def __post_init__(self):
+        whole_number(self.threads, "threads", 0, RuntimeInputError)
+        whole_number(self.max_batch, "max_batch", 1, RuntimeInputError)
+        if self.max_length is not None:
+            whole_number(self.max_length, "max_length", 2, RuntimeInputError)
+        if self.on_miss not in ON_MISS:
+            raise RuntimeInputError(f"--on-miss {self.on_miss!r}: choose one of {', '.join(ON_MISS)}")
+        providers = self.providers
+        if isinstance(providers, str) or not isinstance(providers, (tuple, list)) or not providers \
+                or not all(isinstance(p, str) for p in providers):
+            raise RuntimeInputError(f"providers must be a non-empty list of provider names, got {providers!r}")
+        object.__setattr__(self, "providers", tuple(providers))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available for new allocations (Linux MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class Engine:
+    def __init__(self, files, manifest: dict, options: EngineOptions = EngineOptions(), *, log=None):
+        """``files``: the bundle's BundleFiles (only the files its manifest lists are opened)."""
+        self.files = files
+        self.root = files.root
+        self.options = options
+        self._log = log or (lambda msg: None)
+        graphs = manifest.get("graphs", {})
+        for needed in ("embedding", "decoder"):
+            if needed not in graphs:
+                raise BundleError(f"{self.root}: the bundle has no {needed} graph (compiled with --graphs?)")
+        unknown = [p for p in options.providers if p not in _available_providers()]
+        if unknown:
+            raise RuntimeInputError(f"execution provider {unknown[0]!r} is not in this onnxruntime "
+                                    f"(available: {', '.join(_available_providers())})", stage="engine")
+        spec = graphs["decoder"]["spec"]
+        self.context_length = int(spec["context_length"])
+        self.hidden = int(spec["hidden"])
+        self.levels = int(spec["deepstack_levels"])
+        max_length = options.max_length or self.context_length
+        if max_length > self.context_length:
+            raise RuntimeInputError(f"max_length {max_length} is above the bundle's context length {self.context_length} "
+                                    "(its rotary table)", stage="engine")
+        self.max_length = max_length
+        self.max_batch = options.max_batch
+        self.embedding = self.session(files.path(graphs["embedding"]["file"]))
+        decoder_file = files.path(graphs["decoder"]["file"])
+        session = self.session(decoder_file)
+        self._check_pool(session)
+        self.pool = DecoderPool(decoder_file, max_batch=self.max_batch, max_length=max_length, session=session)
+        self.vision = VisionEncoder(files, manifest, self.session, on_miss=options.on_miss)
+        self._no_images = (np.zeros((0, self.hidden), np.float32), np.zeros((self.levels, 0, self.hidden), np.float32))
+
+    def session(self, path):
+        return ort_session(path, self.options.threads, providers=self.options.providers)
+
+    def _check_pool(self, session) -> None:
+        """Print the pool's size; refuse one that does not fit, before allocating it."""
+        inputs = {i.name: i for i in session.get_inputs()}
+        key = inputs.get("past_key_values.0.key")
+        if key is None or not all(isinstance(d, int) for d in key.shape[1:2] + key.shape[3:4]):
+            return  # DecoderPool names what is wrong with the graph
+        layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        need = DecoderPool.pool_bytes(layers, int(key.shape[1]), int(key.shape[3]), self.max_batch, self.max_length)
+        self.pool_description = (f"KV pool: {self.max_batch} slot(s) x {self.max_length} tokens x {layers} layers "
+                                 f"({key.shape[1]} KV heads of {key.shape[3]}), {need / GIB:.2f} GiB float32")
+        have = available_memory()
+        if have is not None and need > POOL_MEMORY_SHARE * have:
+            raise RuntimeInputError(
+                f"the KV pool of {self.max_batch} slot(s) x {self.max_length} tokens needs {need / GIB:.2f} GiB, more than "
+                f"{POOL_MEMORY_SHARE:.0%} of the {have / GIB:.2f} GiB available: lower max_batch or max_length",
+                stage="engine")
+        self._log(self.pool_description)
+
+    # -- any thread -------------------------------------------------------------------------
+    def embed(self, input_ids: np.ndarray, image_features=None, deepstack_features=None):
+        """``input_ids [B, S]`` -> ``(inputs_embeds [B, S, H], deepstack_embeds [K, B, S, H])``,
+        image rows scattered onto the image pads."""
+        feats, deep = self._no_images if image_features is None else (image_features, deepstack_features)
+        return self.embedding.run(
+            ["inputs_embeds", "deepstack_embeds"],
+            {"input_ids": np.asarray(input_ids, np.int64), "image_features": np.asarray(feats, np.float32),
+             "deepstack_features": np.asarray(deep, np.float32)},
+        )
+
+    # -- the scheduler's thread -------------------------------------------------------------
+    def prefill(self, slot: int, inputs_embeds, position_ids, deepstack_embeds) -> np.ndarray:
+        """A prompt into an empty ``slot``; the logits of its last position ``[vocab]``."""
+        logits = self.pool.run(slot, [0], inputs_embeds, position_ids, deepstack_embeds)
+        return logits[0, -1]
+
+    def decode(self, tokens, lengths, rope_deltas) -> np.ndarray:
+        """One step for slots ``[0, n)``: ``tokens[r]`` appended after ``lengths[r]`` cached
+        tokens; logits ``[n, vocab]``."""
+        ids = np.asarray(tokens, np.int64).reshape(-1, 1)
+        embeds, _ = self.embed(ids)
+        positions = np.concatenate([decode_positions(length, delta) for length, delta in zip(lengths, rope_deltas)], axis=1)
+        logits = self.pool.run(0, lengths, embeds, positions)
+        return logits[:, -1]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.pool.move(src, dst, length)
+
+
+def _available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
