@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from ..cli_io import run_cli
 
-    return run_cli(lambda: _run(argv), "qwen3vl-run")
+    return run_cli(lambda: _run(argv), "qwen3vl-run", exiting=argv is None)
 
 
 def _run(argv) -> int:
