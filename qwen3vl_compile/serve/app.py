@@ -222,7 +222,7 @@ class _Server:
         self.check_capacity()
         events: asyncio.Queue = asyncio.Queue()
         seq = await self._submit(req, events)
-        gen = _Generation(seq, events, req.stop, self.metrics)
+        gen = _Generation(seq, events, req.stop)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return StreamingResponse(self._sse(gen, req, ident, created), media_type="text/event-stream",
@@ -244,6 +244,8 @@ class _Server:
         loop = asyncio.get_running_loop()
 
         def sink(event) -> None:  # the scheduler's thread -> this request's queue
+            if event[0] == "done":  # counted here: a cancelled request's consumer is gone
+                self.metrics.finished(event[1])
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:  # the loop is closed: nobody reads this request any more
@@ -322,11 +324,10 @@ class _Generation:
     """One request's text as it arrives, cut at the first stop string (the sequence is then
     cancelled, and the slot freed at the next step)."""
 
-    def __init__(self, seq, events: asyncio.Queue, stops: list[str], metrics: Metrics):
+    def __init__(self, seq, events: asyncio.Queue, stops: list[str]):
         self.seq = seq
         self.events = events
         self.matcher = StopMatcher(stops)
-        self.metrics = metrics
         self.result = None
 
     async def _next(self):
@@ -357,8 +358,6 @@ class _Generation:
         finally:
             if not self.seq.finished:
                 self.seq.cancel()
-            if self.result is not None:
-                self.metrics.finished(self.result)
 
     @property
     def finish_reason(self) -> str:
