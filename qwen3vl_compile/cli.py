@@ -118,10 +118,10 @@ def _compile(argv: list[str]) -> int:
 def _max_pixels(model: str, cache_dir) -> int | None:
     """The checkpoint's max_pixels (preprocessor_config.json), or None when it cannot be read
     (the load stage reports that properly)."""
-    from .bundle.manifest import read_json_object
+    from .jsonio import read_json_object
     from .errors import Qwen3VLCompileError
     from .model.checkpoint import resolve_model_source
-    from .runtime.preprocess import ProcessorConfig
+    from .processor_config import ProcessorConfig
 
     try:
         path = resolve_model_source(model, cache_dir=cache_dir)

@@ -340,7 +340,7 @@ def _check_bucket_geometry(ck: Checkpoint, cfg: CompileConfig) -> None:
     another patch size, buckets larger than any image the processor produces or whose
     export cannot fit this machine's memory, a context beyond the model's positions."""
     from .buckets import split_buckets
-    from .runtime.preprocess import ProcessorConfig
+    from .processor_config import ProcessorConfig
 
     v = ck.vision_config
     patch, merge = v["patch_size"], v["spatial_merge_size"]

@@ -67,7 +67,7 @@ def verify_bundle(root: Path, *, threads: int = 0, public_key: Path | None = Non
     VerifyError naming what failed (one line on stderr, exit 1). With ``public_key`` the
     bundle's signature is checked first."""
     from .check import check_files, check_manifest_integrity, load_manifest, unknown_files
-    from ..runtime.session import ort_session
+    from ..ort.session import ort_session
     from .goldens import check_golden, check_interface, check_text_golden, table_tolerance
     from .signing import integrity_line, verify as verify_signature
 

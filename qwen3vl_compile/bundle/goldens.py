@@ -25,7 +25,7 @@ from ..errors import BundleError
 from ..options import PRECISIONS
 from .manifest import BundleFiles, interface_name
 from ..parity import TOLERANCES, GraphParity, measure
-from ..runtime.session import ort_session
+from ..ort.session import ort_session
 
 
 def pixel_values_from_u8(u8: np.ndarray) -> np.ndarray:
@@ -149,7 +149,7 @@ def check_graph_golden(root: Path, graph: dict, golden: dict, *, reference: str 
         outs = [measure("inputs_embeds", embeds, data["inputs_embeds"], tol),
                 measure("deepstack_embeds", deep, data["deepstack_embeds"], tol)]
     elif kind == "decoder":
-        from ..runtime.decoder_session import DecoderSession
+        from ..ort.decoder_session import DecoderSession
 
         s = DecoderSession(path, max_length=256, session=session,
                            packed_levels=packing["levels"] if packing else 0)

@@ -2,8 +2,8 @@
 
 Built from one frozen :class:`EngineOptions` (threads, execution providers, ``max_batch``,
 ``max_length``, the image-size policy), validated once. The pool holds ``max_batch`` slots
-of ``max_length`` tokens per layer (see :mod:`.decoder_session`); its size is computed,
-printed and checked against the memory this machine has available *before* anything is
+of ``max_length`` tokens per layer (see :mod:`qwen3vl_compile.ort.decoder_session`); its size
+is computed, printed and checked against the memory this machine has available *before* anything is
 allocated. The engine offers:
 
 - :meth:`Engine.embed`: token ids (+ image rows) to input embeddings (thread-safe: any
@@ -27,9 +27,9 @@ import numpy as np
 
 from ..errors import BundleError, RuntimeInputError
 from ..options import whole_number
-from .decoder_session import DecoderPool
+from ..ort.decoder_session import DecoderPool
 from .rope_index import decode_positions
-from .session import ort_session
+from ..ort.session import ort_session
 from .vision import ON_MISS, VisionEncoder
 
 GIB = 1024**3
