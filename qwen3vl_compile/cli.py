@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("inspect", "verify", "sign"):
-        from .bundle import cli as bundle_cli
+        from . import bundle_cli
 
         return bundle_cli.main(argv)
     return run_cli(lambda: _compile(argv), "qwen3vl-compile", interrupted="interrupted; nothing was written")

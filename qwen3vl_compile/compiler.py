@@ -27,13 +27,13 @@ from .bundle.writer import STAGING_MARKER, BundleWriter
 from .model.checkpoint import Checkpoint, resolve_model_source
 from .config import CompileConfig
 from .errors import LoadError, UsageError, VerifyError, WriteError
-from .bundle.goldens import write_text_golden
 from .bundle.manifest import assemble, hash_files, write_manifest
 from .bundle.signing import check_signing_key, sign as sign_bundle
 from .bundle.records import GoldenRef, GraphEntry, ParityRecord, StageResult
 from .presets import is_preset
 from .progress import Progress
 from .model.support import check_build_options
+from .runtime.text_golden import write_text_golden
 from .upstream import check_upstream
 
 ASSET_FILES = (

@@ -6,15 +6,18 @@ bundle holds no file the manifest does not list, the text golden (chat template,
 processor settings), then each graph's interface and its golden input with ONNX Runtime,
 judged with this tool's tolerance table for the recorded precision; it prints a table of max
 errors and exits 0 only when everything holds (else one ``[verify]`` line on stderr, exit 1).
+
+It stands above both ``bundle/`` (the bundle's format and checks) and ``runtime/`` (whose
+text side the text golden reruns).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import BundleError, VerifyError
-from ..options import check_threads
-from ..parity import parity_summary
+from .errors import BundleError, VerifyError
+from .options import check_threads
+from .parity import parity_summary
 
 
 def _fmt_bytes(n: int) -> str:
@@ -26,8 +29,8 @@ def _fmt_bytes(n: int) -> str:
 
 
 def inspect_bundle(root: Path) -> int:
-    from .check import check_manifest_integrity, load_manifest
-    from .signing import integrity_line
+    from .bundle.check import check_manifest_integrity, load_manifest
+    from .bundle.signing import integrity_line
 
     m = load_manifest(root)
     integrity = "ok"
@@ -66,10 +69,11 @@ def verify_bundle(root: Path, *, threads: int = 0, public_key: Path | None = Non
     """Print the check, one row per graph output; return 0 when everything holds, else raise
     VerifyError naming what failed (one line on stderr, exit 1). With ``public_key`` the
     bundle's signature is checked first."""
-    from .check import check_files, check_manifest_integrity, load_manifest, unknown_files
-    from ..ort.session import ort_session
-    from .goldens import check_golden, check_interface, check_text_golden, table_tolerance
-    from .signing import integrity_line, verify as verify_signature
+    from .bundle.check import check_files, check_manifest_integrity, load_manifest, unknown_files
+    from .ort.session import ort_session
+    from .bundle.goldens import check_golden, check_interface, table_tolerance
+    from .runtime.text_golden import check_text_golden
+    from .bundle.signing import integrity_line, verify as verify_signature
 
     check_threads(threads)
     m = load_manifest(root)
@@ -164,13 +168,13 @@ def _first_line(e: Exception) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from ..cli_io import run_cli
+    from .cli_io import run_cli
 
     return run_cli(lambda: _main(argv), f"qwen3vl-compile {argv[0]}")
 
 
 def _main(argv: list[str]) -> int:
-    from ..cli_io import OneLineParser
+    from .cli_io import OneLineParser
 
     p = OneLineParser(prog=f"qwen3vl-compile {argv[0]}")
     p.add_argument("bundle", type=Path)
@@ -184,7 +188,7 @@ def _main(argv: list[str]) -> int:
     if argv[0] == "inspect":
         return inspect_bundle(args.bundle)
     if argv[0] == "sign":
-        from .signing import integrity_line, sign
+        from .bundle.signing import integrity_line, sign
 
         print(f"wrote {sign(args.bundle, args.key)}")
         print(integrity_line(args.bundle))
