@@ -30,6 +30,7 @@ def _fmt_bytes(n: int) -> str:
 
 def inspect_bundle(root: Path) -> int:
     from .bundle.check import check_manifest_integrity, load_manifest
+    from .bundle.records import BundleManifest
     from .bundle.signing import integrity_line
 
     m = load_manifest(root)
@@ -45,18 +46,19 @@ def inspect_bundle(root: Path) -> int:
     print(f"tool       {m['tool']['name']} {m['tool']['version']}; " + ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items() if v))
     print(f"source     {src.get('model')} ({src.get('architecture')}), config sha256 {str(src.get('config_sha256'))[:16]}")
     print(f"options    " + ", ".join(f"{k}={v}" for k, v in m.get("options", {}).items()))
-    if m.get("buckets"):
-        print("buckets    " + ", ".join(f"{b['name']} (grid {b['grid_thw'][1]}x{b['grid_thw'][2]}, {b['num_tokens']} tokens)" for b in m["buckets"]))
+    typed = BundleManifest.from_json(m)
+    if typed.buckets:
+        print("buckets    " + ", ".join(f"{b.name} (grid {b.grid_thw[1]}x{b.grid_thw[2]}, {b.num_tokens} tokens)" for b in typed.buckets))
     print("graphs")
-    for name, g in m.get("graphs", {}).items():
-        size = sum(m["files"].get(f, {}).get("bytes", 0) for f in [g["file"], *g.get("data_files", [])])
+    for name, g in typed.graphs.items():
+        size = sum(m["files"].get(f, {}).get("bytes", 0) for f in [g.file, *g.data_files])
         parity = m.get("parity", {}).get(name)
         verdict = parity_summary(parity) if parity else "not verified"
-        passes = ", ".join(p["pass"] + ("*" if p["modified"] else "") for p in g.get("passes", []))
-        if g.get("source_graph") and g.get("data_files"):  # an onnxruntime-genai wrapper reading its source's data
-            size = m["files"].get(g["file"], {}).get("bytes", 0)
-            verdict += f"; external weights shared with {g['source_graph']}"
-        print(f"  {name:<18} {g['kind']:<9} {g['precision']:<5} {_fmt_bytes(size):>9}  {verdict}")
+        passes = ", ".join(p.name + ("*" if p.modified else "") for p in g.passes)
+        if g.source_graph and g.data_files:  # an onnxruntime-genai wrapper reading its source's data
+            size = m["files"].get(g.file, {}).get("bytes", 0)
+            verdict += f"; external weights shared with {g.source_graph}"
+        print(f"  {name:<18} {g.kind:<9} {g.precision:<5} {_fmt_bytes(size):>9}  {verdict}")
         print(f"  {'':<18} passes: {passes}  (* = changed the graph)")
     total = sum(f["bytes"] for f in m.get("files", {}).values())
     print(f"files      {len(m.get('files', {}))} files, {_fmt_bytes(total)}")
