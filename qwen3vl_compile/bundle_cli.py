@@ -169,10 +169,10 @@ def _first_line(e: Exception) -> str:
     return (text[0] if text else type(e).__name__)[:200]
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], *, exiting: bool = False) -> int:
     from .cli_io import run_cli
 
-    return run_cli(lambda: _main(argv), f"qwen3vl-compile {argv[0]}")
+    return run_cli(lambda: _main(argv), f"qwen3vl-compile {argv[0]}", exiting=exiting)
 
 
 def _main(argv: list[str]) -> int:

@@ -281,7 +281,7 @@ def _parser():
 def main(argv=None) -> int:
     from ..cli_io import run_cli
 
-    return run_cli(lambda: _main(argv), "qwen3vl-eval")
+    return run_cli(lambda: _main(argv), "qwen3vl-eval", exiting=argv is None)
 
 
 def _main(argv) -> int:

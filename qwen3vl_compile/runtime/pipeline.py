@@ -92,8 +92,9 @@ class Pipeline:
     def __enter__(self) -> "Pipeline":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # On an error nobody will read the requests still in flight: cancel them.
+        self.close(timeout=0 if exc_type is not None else None)
 
     # -- public API ------------------------------------------------------------------
     def generate(
