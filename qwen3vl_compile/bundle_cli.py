@@ -45,7 +45,7 @@ def inspect_bundle(root: Path) -> int:
     print(integrity_line(root))
     print(f"tool       {m['tool']['name']} {m['tool']['version']}; " + ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items() if v))
     print(f"source     {src.get('model')} ({src.get('architecture')}), config sha256 {str(src.get('config_sha256'))[:16]}")
-    print(f"options    " + ", ".join(f"{k}={v}" for k, v in m.get("options", {}).items()))
+    print("options    " + ", ".join(f"{k}={v}" for k, v in m.get("options", {}).items()))
     typed = BundleManifest.from_json(m)
     if typed.buckets:
         print("buckets    " + ", ".join(f"{b.name} (grid {b.grid_thw[1]}x{b.grid_thw[2]}, {b.num_tokens} tokens)" for b in typed.buckets))

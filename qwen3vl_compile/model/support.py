@@ -110,14 +110,12 @@ def check_config(config: dict) -> None:
     not true/false), each named with its value."""
 
     text, vision = config["text_config"], config["vision_config"]
-    for field in _TEXT_REQUIRED:
-        _positive_int(text, "text_config", field)
-    for field in _TEXT_OPTIONAL_SIZES:
-        _optional_positive_int(text, "text_config", field)
-    for field in _VISION_REQUIRED:
-        _positive_int(vision, "vision_config", field)
-    for field in _VISION_OPTIONAL_SIZES:
-        _optional_positive_int(vision, "vision_config", field)
+    for section, where, required, optional in ((text, "text_config", _TEXT_REQUIRED, _TEXT_OPTIONAL_SIZES),
+                                               (vision, "vision_config", _VISION_REQUIRED, _VISION_OPTIONAL_SIZES)):
+        for field in required:
+            _positive_int(section, where, field)
+        for field in optional:
+            _optional_positive_int(section, where, field)
     for field in _TEXT_FLAGS:
         _flag(text, "text_config", field)
     for field in _TOP_FLAGS:

@@ -18,7 +18,6 @@ Answers are scored case-insensitively; ``contains`` matches the answer as whole 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
