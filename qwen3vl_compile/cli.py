@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     exiting = argv is None  # the console script: the process ends when this returns
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("inspect", "verify", "sign"):
-        from .bundle import cli as bundle_cli
+        from . import bundle_cli
 
         return bundle_cli.main(argv, exiting=exiting)
     writers = []  # the compile's bundle writer, once made: it knows what is at the output now
@@ -125,10 +125,10 @@ def _compile(argv: list[str], on_writer=None) -> int:
 def _max_pixels(model: str, cache_dir) -> int | None:
     """The checkpoint's max_pixels (preprocessor_config.json), or None when it cannot be read
     (the load stage reports that properly)."""
-    from .bundle.manifest import read_json_object
+    from .jsonio import read_json_object
     from .errors import Qwen3VLCompileError
     from .model.checkpoint import resolve_model_source
-    from .runtime.preprocess import ProcessorConfig
+    from .processor_config import ProcessorConfig
 
     try:
         path = resolve_model_source(model, cache_dir=cache_dir)

@@ -28,13 +28,13 @@ from .bundle.writer import STAGING_MARKER, BundleWriter
 from .model.checkpoint import Checkpoint, resolve_model_source
 from .config import CompileConfig
 from .errors import LoadError, UsageError, VerifyError, WriteError
-from .bundle.goldens import write_text_golden
 from .bundle.manifest import assemble, hash_files, write_manifest
 from .bundle.signing import check_signing_key, sign as sign_bundle
 from .bundle.records import GoldenRef, GraphEntry, ParityRecord, StageResult
 from .presets import is_preset
 from .progress import Progress
 from .model.support import check_build_options
+from .runtime.text_golden import write_text_golden
 from .upstream import check_upstream
 
 ASSET_FILES = (
@@ -346,7 +346,7 @@ def _check_bucket_geometry(ck: Checkpoint, cfg: CompileConfig) -> None:
     another patch size, buckets larger than any image the processor produces or whose
     export cannot fit this machine's memory, a context beyond the model's positions."""
     from .buckets import split_buckets
-    from .runtime.preprocess import ProcessorConfig
+    from .processor_config import ProcessorConfig
 
     v = ck.vision_config
     patch, merge = v["patch_size"], v["spatial_merge_size"]

@@ -106,7 +106,7 @@ def test_unknown_precision_fails(text_copy, capsys):
 def _swap_prompt_tokens(root):
     from tokenizers import Tokenizer
 
-    from qwen3vl_compile.bundle.goldens import TEXT_GOLDEN_PROMPTS
+    from qwen3vl_compile.runtime.text_golden import TEXT_GOLDEN_PROMPTS
 
     tok = Tokenizer.from_file(str(root / "tokenizer.json"))
     data = json.loads((root / "tokenizer.json").read_text())

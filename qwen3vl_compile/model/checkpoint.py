@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..bundle.manifest import read_json_object
+from ..jsonio import read_json_object
 from ..errors import LoadError
 from ..presets import PRESETS, is_preset, materialize_preset
 from .tokens import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START

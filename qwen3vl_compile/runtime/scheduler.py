@@ -58,6 +58,7 @@ class Scheduler:
         self._closed = False
         self.steps = 0  # batched decode steps run
         self.tokens = 0  # tokens generated
+        self.peak_active = 0  # the most sequences decoded together so far
 
     # -- any thread -------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> Sequence:
@@ -142,6 +143,7 @@ class Scheduler:
             seq.timings["prefill_s"] = time.perf_counter() - t
             seq.slot, seq.length = slot, seq.prompt_tokens
             self._active.append(seq)  # a failed sequence is evicted with the finished ones
+            self.peak_active = max(self.peak_active, len(self._active))
             seq.accept(logits)
         except Exception as e:
             seq.fail(e)
