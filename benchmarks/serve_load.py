@@ -423,8 +423,8 @@ def main() -> int:
     date = datetime.date.today().isoformat()
     mach = machine()
     md = (f"## qwen3vl-serve load ({date})\n\n{args.clients} clients x {args.requests} requests, "
-          f"--max-batch {args.max_batch}, --vision-cache-mb {args.vision_cache_mb}, bundle {args.bundle.name}, {mach['cpu']}, {mach['cores']} cores\n\n"
-          + table(rows, ["", "measured"]))
+          f"--max-batch {args.max_batch}, --vision-cache-mb {args.vision_cache_mb}, bundle {args.bundle.name}, "
+          f"{mach['cpu']}, {mach['cores']} cores\n\n" + table(rows, ["", "measured"]))
     print(md)
     for p in res["problems"][:20]:
         print("PROBLEM:", p)
@@ -433,6 +433,9 @@ def main() -> int:
                "vision_cache_mb": args.vision_cache_mb,
                "summary": s, "server": res["server"], "problems": res["problems"],
                "rss_warm_bytes": res["rss_warm_bytes"], "rss_after_bytes": res["rss_after_bytes"],
+               "solo": [{"prompt": sp.prompt, "images": list(sp.images), "max_tokens": sp.max_tokens, "text": r.text,
+                         "finish_reason": r.finish_reason, "completion_tokens": r.completion_tokens}
+                        for sp, r in zip(SPECS, res["solo"])],
                "solo_s": res["solo_s"], "exit_code": res["exit_code"], "traceback_in_log": res["traceback_in_log"]}
     save(args.name, payload, md)
     return 1 if res["problems"] or res["traceback_in_log"] else 0
