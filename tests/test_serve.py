@@ -27,7 +27,7 @@ import pytest
 starlette = pytest.importorskip("starlette", reason="the [serve] extra (starlette, uvicorn) is not installed")
 pytest.importorskip("uvicorn", reason="the [serve] extra (starlette, uvicorn) is not installed")
 openai = pytest.importorskip("openai", reason="the openai client (the [test] extra) is not installed")
-httpx = pytest.importorskip("httpx", reason="httpx (installed with openai) is not importable")
+httpx = pytest.importorskip("httpx", reason="httpx (the [test] extra) is not installed")
 
 from PIL import Image  # noqa: E402
 
