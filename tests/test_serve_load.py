@@ -23,6 +23,7 @@ import pytest
 pytest.importorskip("starlette", reason="the [serve] extra (starlette, uvicorn) is not installed")
 pytest.importorskip("uvicorn", reason="the [serve] extra (starlette, uvicorn) is not installed")
 pytest.importorskip("openai", reason="the openai client (the [test] extra) is not installed")
+pytest.importorskip("httpx", reason="httpx (the [test] extra) is not installed")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import serve_load  # noqa: E402
