@@ -271,14 +271,15 @@ def sample_images():
     return [str(assets / "sample.png"), str(assets / "sample2.png")]
 
 
-@pytest.mark.parametrize("which", ["fp32", "int4"])
-@pytest.mark.parametrize("n", [1, 2, 4, 8])
-def test_n_concurrent_requests_equal_their_solo_runs(which, n, vision_bundle, int4_bundle, sample_images):
+@pytest.mark.parametrize("which, n", [
+    pytest.param(which, n, marks=() if (which, n) == ("fp32", 4) else pytest.mark.slow)  # the fast tier: 4, fp32
+    for which in ("fp32", "int4") for n in (1, 2, 4, 8)])
+def test_n_concurrent_requests_equal_their_solo_runs(which, n, request, sample_images):
     """n requests (different prompts, no/one/two images, lengths and sampling settings) from n
     threads through a pool of 4 slots: with 8 the pool is full and four wait, requests are
     admitted while others are mid-decode and finish at different steps; each gets the tokens
     it gets alone."""
-    bundle = vision_bundle if which == "fp32" else int4_bundle
+    bundle = request.getfixturevalue("vision_bundle" if which == "fp32" else "int4_bundle")
     requests = _requests(n, sample_images)
     with Pipeline.load(bundle) as solo:
         alone = [solo.generate(**r).token_ids for r in requests]
@@ -307,6 +308,7 @@ def test_a_decode_step_that_ignores_row_lengths_is_caught(vision_bundle, sample_
         assert _run_concurrently(pipe, requests) != alone
 
 
+@pytest.mark.slow
 def test_one_cancelled_mid_stream_while_others_continue(vision_bundle, sample_images):
     requests = _requests(3, sample_images)
     requests[1]["max_new_tokens"] = 200

@@ -76,7 +76,13 @@ def _holds(out: Path, old_sha: str) -> str:
 CASES = [(step, signal.SIGINT) for step in STEPS] + [("swap", signal.SIGTERM), ("old-made", signal.SIGHUP)]
 
 
-@pytest.mark.parametrize("step,sig", CASES, ids=[f"{step}-{signal.Signals(sig).name}" for step, sig in CASES])
+# The fast tier keeps the case that matters most (Ctrl-C in the middle of the swap).
+PARAMS = [pytest.param(step, sig, id=f"{step}-{signal.Signals(sig).name}",
+                       marks=() if (step, sig) == ("swap", signal.SIGINT) else pytest.mark.slow)
+          for step, sig in CASES]
+
+
+@pytest.mark.parametrize("step,sig", PARAMS)
 def test_a_signal_at_each_step_of_a_replace(tmp_path, old_bundle, step, sig):
     src, old_sha = old_bundle
     parent = tmp_path / "parent"
@@ -112,6 +118,7 @@ def test_a_signal_at_each_step_of_a_replace(tmp_path, old_bundle, step, sig):
         assert [p.name for p in parent.iterdir()] == ["OUT"] and _holds(out, old_sha) == "new"
 
 
+@pytest.mark.slow
 def test_a_compile_killed_between_the_renames_loses_nothing(tmp_path, old_bundle):
     """SIGKILL cannot be held back: between the two renames OUT is missing and the old bundle
     is only in .OUT.old-*/bundle. The next compile into the parent moves it back, never

@@ -354,6 +354,7 @@ def test_prompt_over_the_context_is_refused_before_vision_work(server):
     _good(server)
 
 
+@pytest.mark.slow  # a server of its own
 def test_limits_queue_and_disconnect(small_server):
     """413 for a body and an image over the limits; 429 while the one slot is busy and nobody
     may wait; a client that disconnects mid-stream cancels its sequence and frees the slot."""
@@ -384,6 +385,7 @@ def test_limits_queue_and_disconnect(small_server):
     assert m["qwen3vl_time_to_first_token_seconds_count"] >= 1
 
 
+@pytest.mark.slow  # a server of its own
 def test_sigterm_finishes_the_request_in_flight(vision_bundle, tmp_path):
     srv = ServerProcess(vision_bundle, ["--max-batch", 2, "--shutdown-timeout", 60], tmp_path / "term.log")
     try:
