@@ -28,6 +28,7 @@ bytes per slot at the bundle's context length and at 4096 / 8192 are computed.
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import json
 import statistics
@@ -170,6 +171,61 @@ class Bench:
         return parts
 
 
+def profile_ops(decoder_path: Path, threads: int, ns, length: int, runs: int, out_dir: Path) -> dict:
+    """ONNX Runtime's per-node profile of one decode step at each N (slots [0, N) holding
+    ``length`` cached tokens each; their values do not change the time), summed by op type:
+    ``{N: {op_type: ms per step}}``, median over ``runs`` profiled steps after one warm-up.
+    The profiling session is made here (the session factory has no profiling switch), with
+    the factory's threading settings."""
+    import onnxruntime as ort
+
+    from qwen3vl_compile.runtime.decoder_session import DecoderPool
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(out_dir / "ort_profile")
+    session = ort.InferenceSession(str(decoder_path), opts, providers=["CPUExecutionProvider"])
+    pool = DecoderPool(decoder_path, max_batch=max(ns), max_length=length + runs + 4, session=session)
+    labels = []  # N of each model run, None for warm-ups
+    for n in ns:
+        for r in range(runs + 1):
+            embeds = np.zeros((n, 1, pool.hidden), np.float32)
+            pool.run(0, [length + r] * n, embeds, np.full((3, n, 1), length + r, np.int64))
+            labels.append(n if r else None)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    run_events = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    assert len(run_events) == len(labels), (len(run_events), len(labels))
+    per_run = [dict() for _ in run_events]
+    starts = [e["ts"] for e in run_events]
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        i = bisect.bisect_right(starts, e["ts"]) - 1
+        op = e["args"].get("op_name", "?")
+        per_run[i][op] = per_run[i].get(op, 0.0) + e["dur"] / 1000
+    out = {}
+    for n in ns:
+        runs_n = [(per_run[i], run_events[i]["dur"] / 1000) for i, lab in enumerate(labels) if lab == n]
+        ops = sorted({op for d, _ in runs_n for op in d})
+        out[n] = {op: statistics.median(d.get(op, 0.0) for d, _ in runs_n) for op in ops}
+        out[n]["(model_run)"] = statistics.median(t for _, t in runs_n)
+    return out
+
+
+def ops_table(ops: dict, ns) -> str:
+    """The op types that take >= 1% of a step at the largest N, ms per step at each N."""
+    big = max(ns)
+    total = ops[big]["(model_run)"]
+    keep = [op for op, ms in sorted(ops[big].items(), key=lambda kv: -kv[1]) if op != "(model_run)" and ms >= 0.01 * total]
+    rows = [[op, *(f"{ops[n].get(op, 0.0):.1f}" for n in ns), f"{ops[big].get(op, 0.0) / max(ops[ns[0]].get(op, 0.0), 1e-9):.2f}x"]
+            for op in keep]
+    rows.append(["whole run (model_run)", *(f"{ops[n]['(model_run)']:.1f}" for n in ns),
+                 f"{ops[big]['(model_run)'] / ops[ns[0]]['(model_run)']:.2f}x"])
+    return table(rows, ["op type (ms per step)", *(f"N={n}" for n in ns), f"N={big} / N={ns[0]}"])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True, type=Path, help="an INT4 bundle (embedding + decoder graphs)")
@@ -185,6 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default=None, help="model label for the table (default: the manifest's source)")
     ap.add_argument("--quick", action="store_true", help="smoke: 4 steps, 2 repeats, 2 ceiling calls (tiny bundle)")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also an ONNX Runtime per-op profile of one step at each N")
+    ap.add_argument("--profile-only", action="store_true", help="only the per-op profile (saved as <name>_ops)")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.repeats, args.ceiling_calls = 4, 2, 2
@@ -197,6 +255,19 @@ def main(argv=None) -> int:
     if args.scratch:
         args.scratch.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(dir=args.scratch, prefix="ceiling-")
+    name = args.name or f"engine_throughput_{label.replace(':', '-')}"
+    if args.profile_only:
+        ops = profile_ops(decoder_path, args.threads, ns, args.prompt, max(2, args.repeats), Path(tmp.name))
+        m = machine()
+        text = (f"Per-op profile of one decode step, {label} INT4, {args.threads} threads, {args.prompt} cached tokens per "
+                f"sequence, median of {max(2, args.repeats)} steps; {datetime.date.today().isoformat()}, {m['cpu']} "
+                f"({m['isa']}), {m['cores']} cores\n\n" + ops_table(ops, ns))
+        print(text)
+        if not args.no_save:
+            save(name + "_ops", {"date": datetime.date.today().isoformat(), "machine": m, "threads": args.threads,
+                                 "label": label, "ops_ms": {str(k): v for k, v in ops.items()}}, text)
+        tmp.cleanup()
+        return 0
     print("building the MatMulNBits ceiling graph ...", flush=True)
     t = time.perf_counter()
     ceiling_path, ceiling_info = ceiling_graph(decoder_path, Path(tmp.name))
@@ -222,6 +293,7 @@ def main(argv=None) -> int:
         print(f"  repeat {r + 1}/{args.repeats}: " + ", ".join(
             f"N={n} {n * args.steps / bench.times[n][-1]:.2f} tok/s" for n in ns), flush=True)
     breakdown = {n: bench.breakdown(n, max(2, args.steps // 4)) for n in ns}
+    ops = profile_ops(decoder_path, args.threads, ns, args.prompt, 3, Path(tmp.name)) if args.profile else None
 
     eng_tps = {n: n * args.steps / statistics.median(bench.times[n]) for n in ns}
     ceil_tps = {n: n / statistics.median(ceiling.times[n]) for n in ns}
@@ -269,16 +341,18 @@ def main(argv=None) -> int:
             f"{L} tokens {b / MIB:.0f} MiB" for L, b in per_slot.items())
         + f"; this run's pool: {engine.max_batch} slots x {engine.max_length} = {pool.nbytes / GIB:.2f} GiB (pages touched only as filled)",
     ]
+    if ops:
+        lines += ["", ops_table(ops, ns)]
     text = "\n".join(lines)
     print(text)
-    payload = {"date": date, "machine": m, "threads": args.threads, "label": label, "prompt": args.prompt,
+    payload = {"ops_ms": {str(k): v for k, v in ops.items()} if ops else None, "date": date, "machine": m, "threads": args.threads, "label": label, "prompt": args.prompt,
                "steps": args.steps, "repeats": args.repeats, "ceiling_calls": args.ceiling_calls,
                "context_length": spec.get("context_length"), "pool_max_length": engine.max_length,
                "ceiling": ceiling_info, "results": {str(k): v for k, v in results.items()},
                "prefill_s": bench.prefill_s, "pool_bytes_per_slot": {str(k): v for k, v in per_slot.items()},
                "wall_s": wall, "quick": args.quick}
     if not args.no_save:
-        save(args.name or f"engine_throughput_{label.replace(':', '-')}", payload, text)
+        save(name, payload, text)
     tmp.cleanup()
     return 0
 
