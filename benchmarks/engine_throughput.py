@@ -293,7 +293,6 @@ def main(argv=None) -> int:
         print(f"  repeat {r + 1}/{args.repeats}: " + ", ".join(
             f"N={n} {n * args.steps / bench.times[n][-1]:.2f} tok/s" for n in ns), flush=True)
     breakdown = {n: bench.breakdown(n, max(2, args.steps // 4)) for n in ns}
-    ops = profile_ops(decoder_path, args.threads, ns, args.prompt, 3, Path(tmp.name)) if args.profile else None
 
     eng_tps = {n: n * args.steps / statistics.median(bench.times[n]) for n in ns}
     ceil_tps = {n: n / statistics.median(ceiling.times[n]) for n in ns}
@@ -320,6 +319,16 @@ def main(argv=None) -> int:
 
     per_slot = {L: pool.pool_bytes(pool.num_layers, pool.kv_heads, pool.head_dim, 1, L)
                 for L in sorted({engine.max_length, 4096, 8192})}
+    pool_nbytes, max_batch, max_length = pool.nbytes, engine.max_batch, engine.max_length
+    kv_shape = f"{pool.num_layers} layers x {pool.kv_heads} KV heads x {pool.head_dim}"
+    prefill_s = bench.prefill_s
+    ops = None
+    if args.profile:  # a third copy of the weights: free the engine's and the ceiling's first
+        del bench, engine, pool, ceiling
+        import gc
+
+        gc.collect()
+        ops = profile_ops(decoder_path, args.threads, ns, args.prompt, 3, Path(tmp.name))
     date = datetime.date.today().isoformat()
     m = machine()
     spec = manifest["graphs"]["decoder"]["spec"]
@@ -336,10 +345,10 @@ def main(argv=None) -> int:
         "MatMulNBits shapes: " + ", ".join(
             f"{s['count']}x K={s['K']} N={s['N']} (bits {s['bits']}, block {s['block_size']}, acc {s['accuracy_level']})"
             for s in ceiling_info["shapes"]),
-        f"prefill {args.prompt} tokens, one slot: median {statistics.median(bench.prefill_s):.2f} s",
-        f"KV pool per slot (float32 K+V, {pool.num_layers} layers x {pool.kv_heads} KV heads x {pool.head_dim}): " + ", ".join(
+        f"prefill {args.prompt} tokens, one slot: median {statistics.median(prefill_s):.2f} s",
+        f"KV pool per slot (float32 K+V, {kv_shape}): " + ", ".join(
             f"{L} tokens {b / MIB:.0f} MiB" for L, b in per_slot.items())
-        + f"; this run's pool: {engine.max_batch} slots x {engine.max_length} = {pool.nbytes / GIB:.2f} GiB (pages touched only as filled)",
+        + f"; this run's pool: {max_batch} slots x {max_length} = {pool_nbytes / GIB:.2f} GiB (pages touched only as filled)",
     ]
     if ops:
         lines += ["", ops_table(ops, ns)]
@@ -347,9 +356,9 @@ def main(argv=None) -> int:
     print(text)
     payload = {"ops_ms": {str(k): v for k, v in ops.items()} if ops else None, "date": date, "machine": m, "threads": args.threads, "label": label, "prompt": args.prompt,
                "steps": args.steps, "repeats": args.repeats, "ceiling_calls": args.ceiling_calls,
-               "context_length": spec.get("context_length"), "pool_max_length": engine.max_length,
+               "context_length": spec.get("context_length"), "pool_max_length": max_length,
                "ceiling": ceiling_info, "results": {str(k): v for k, v in results.items()},
-               "prefill_s": bench.prefill_s, "pool_bytes_per_slot": {str(k): v for k, v in per_slot.items()},
+               "prefill_s": prefill_s, "pool_bytes_per_slot": {str(k): v for k, v in per_slot.items()},
                "wall_s": wall, "quick": args.quick}
     if not args.no_save:
         save(name, payload, text)
