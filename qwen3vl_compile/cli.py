@@ -58,15 +58,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exiting = argv is None  # the console script: the process ends when this returns
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("inspect", "verify", "sign"):
-        from .bundle import cli as bundle_cli
+        from . import bundle_cli
 
-        return bundle_cli.main(argv)
-    return run_cli(lambda: _compile(argv), "qwen3vl-compile", interrupted="interrupted; nothing was written")
+        return bundle_cli.main(argv, exiting=exiting)
+    writers = []  # the compile's bundle writer, once made: it knows what is at the output now
+
+    def interrupted() -> str:
+        return writers[-1].interrupted_message() if writers else "interrupted; nothing was written"
+
+    return run_cli(lambda: _compile(argv, writers.append), "qwen3vl-compile", interrupted=interrupted,
+                   exiting=exiting)
 
 
-def _compile(argv: list[str]) -> int:
+def _compile(argv: list[str], on_writer=None) -> int:
     args = _parser().parse_args(argv)
     if args.quiet:  # upstream deprecation notices are not the user's business in quiet mode
         import warnings
@@ -110,7 +117,7 @@ def _compile(argv: list[str]) -> int:
     )
     from .compiler import compile_bundle
 
-    manifest = compile_bundle(cfg)
+    manifest = compile_bundle(cfg, on_writer=on_writer)
     _print_summary(cfg, manifest)
     return 0
 
@@ -118,10 +125,10 @@ def _compile(argv: list[str]) -> int:
 def _max_pixels(model: str, cache_dir) -> int | None:
     """The checkpoint's max_pixels (preprocessor_config.json), or None when it cannot be read
     (the load stage reports that properly)."""
-    from .bundle.manifest import read_json_object
+    from .jsonio import read_json_object
     from .errors import Qwen3VLCompileError
     from .model.checkpoint import resolve_model_source
-    from .runtime.preprocess import ProcessorConfig
+    from .processor_config import ProcessorConfig
 
     try:
         path = resolve_model_source(model, cache_dir=cache_dir)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Callable
 
 from .errors import OutputError, Qwen3VLCompileError
+from .testhooks import pause
 
 
 class _Stdout:
@@ -103,8 +105,13 @@ def _silence_stdout(stream) -> None:
         pass
 
 
-def run_cli(main: Callable[[], int], prog: str, *, interrupted: str = "interrupted") -> int:
-    """Run ``main`` as the command ``prog``."""
+def run_cli(main: Callable[[], int], prog: str, *, interrupted: str | Callable[[], str] = "interrupted",
+            exiting: bool = False) -> int:
+    """Run ``main`` as the command ``prog``. ``interrupted`` is the line printed on Ctrl-C
+    (or a function giving it, asked at that moment: what the interrupt left behind).
+    ``exiting``: this is the process's entry point (the console script), which ends when this
+    returns; Ctrl-C from then on (interpreter shutdown, atexit callbacks) is ignored, since
+    the work is done and its outcome printed: no 'Exception ignored in atexit' traceback."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(errors="backslashreplace")
@@ -124,30 +131,46 @@ def run_cli(main: Callable[[], int], prog: str, *, interrupted: str = "interrupt
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Stdout(saved[0]), _Stderr(saved[1])
     try:
-        try:
-            try:
-                code = main()
-                try:
-                    sys.stdout.flush()
-                except OutputError as e:  # only the final flush failed: a compiled bundle is complete
-                    raise OutputError(f"{e.args[0]} (the work itself finished; only this report was lost)") from None
-                return code
-            except OutputError as e:
-                _silence_stdout(saved[0])
-                _say(f"{prog}: error: {e}")
-                return e.exit_code
-            except Qwen3VLCompileError as e:
-                _say(f"{prog}: error: {e}")
-                return e.exit_code
-            except KeyboardInterrupt:
-                _say(f"\n{prog}: {interrupted}")
-                return 130
-        except BrokenPipeError:
-            # The reader went away: whatever we had to do is done.
-            _silence_stdout(saved[0])
-            return 0
+        return _run(main, prog, interrupted, saved)
     finally:
         sys.stdout, sys.stderr = saved
+        if exiting:
+            _ignore_interrupts_from_now_on()
+
+
+def _run(main: Callable[[], int], prog: str, interrupted: str | Callable[[], str], saved) -> int:
+    try:
+        try:
+            code = main()
+            try:
+                sys.stdout.flush()
+            except OutputError as e:  # only the final flush failed: a compiled bundle is complete
+                raise OutputError(f"{e.args[0]} (the work itself finished; only this report was lost)") from None
+            return code
+        except OutputError as e:
+            _silence_stdout(saved[0])
+            _say(f"{prog}: error: {e}")
+            return e.exit_code
+        except Qwen3VLCompileError as e:
+            _say(f"{prog}: error: {e}")
+            return e.exit_code
+        except KeyboardInterrupt:
+            _say(f"\n{prog}: {interrupted if isinstance(interrupted, str) else interrupted()}")
+            return 130
+    except BrokenPipeError:
+        # The reader went away: whatever we had to do is done.
+        _silence_stdout(saved[0])
+        return 0
+
+
+def _ignore_interrupts_from_now_on() -> None:
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the interpreter keeps SIG_IGN through finalization
+    except ValueError:  # not in the main thread
+        return
+    import atexit
+
+    atexit.register(pause, "atexit")  # test hook: registered last, so it runs first
 
 
 class OneLineParser(argparse.ArgumentParser):

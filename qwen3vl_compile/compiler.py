@@ -22,18 +22,19 @@ import dataclasses
 import resource
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from .bundle.writer import STAGING_MARKER, BundleWriter
 from .model.checkpoint import Checkpoint, resolve_model_source
 from .config import CompileConfig
 from .errors import LoadError, UsageError, VerifyError, WriteError
-from .bundle.goldens import write_text_golden
 from .bundle.manifest import assemble, hash_files, write_manifest
 from .bundle.signing import check_signing_key, sign as sign_bundle
 from .bundle.records import GoldenRef, GraphEntry, ParityRecord, StageResult
 from .presets import is_preset
 from .progress import Progress
 from .model.support import check_build_options
+from .runtime.text_golden import write_text_golden
 from .upstream import check_upstream
 
 ASSET_FILES = (
@@ -52,13 +53,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict:
-    """Run the whole compile; return the manifest. Raises a typed error on any failure."""
+def compile_bundle(cfg: CompileConfig, progress: Progress | None = None, *,
+                   on_writer: Callable[[BundleWriter], None] | None = None) -> dict:
+    """Run the whole compile; return the manifest. Raises a typed error on any failure.
+    ``on_writer`` is given the bundle writer as soon as it exists (the CLI asks it, on
+    Ctrl-C, what is at the output now)."""
     progress = progress or Progress(enabled=cfg.verbose)
     _quiet_libraries(progress.enabled)
     model_dir = Path(cfg.model).expanduser()
     protected = [model_dir] if not is_preset(cfg.model) and model_dir.is_dir() else []
     writer = BundleWriter(cfg.output, force=cfg.force, protected=protected, log=progress.log)
+    if on_writer is not None:
+        on_writer(writer)
     writer.check_target()  # fail before any expensive work
     if cfg.sign_key is not None:
         check_signing_key(cfg.sign_key)
@@ -89,7 +95,7 @@ def compile_bundle(cfg: CompileConfig, progress: Progress | None = None) -> dict
         # A full disk or a vanished directory while writing: one line; the writer has already
         # removed its staging directory.
         where = f" ({e.filename})" if e.filename else ""
-        raise WriteError(f"writing the bundle failed: {e.strerror or e}{where}; nothing was left at {writer.out}") from None
+        raise WriteError(f"writing the bundle failed: {e.strerror or e}{where}; nothing was written: {writer.out_now()}") from None
 
 
 def _build(ck: Checkpoint, cfg: CompileConfig, source: dict, generation: dict, writer: BundleWriter,
@@ -340,7 +346,7 @@ def _check_bucket_geometry(ck: Checkpoint, cfg: CompileConfig) -> None:
     another patch size, buckets larger than any image the processor produces or whose
     export cannot fit this machine's memory, a context beyond the model's positions."""
     from .buckets import split_buckets
-    from .runtime.preprocess import ProcessorConfig
+    from .processor_config import ProcessorConfig
 
     v = ck.vision_config
     patch, merge = v["patch_size"], v["spatial_merge_size"]

@@ -104,3 +104,23 @@ def vision_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("vision") / "bundle"
     assert compile_main(["--model", "tiny-random", "--buckets", "224,256", "--precision", "fp32", "-o", str(out), "-q"]) == 0
     return out
+
+
+@pytest.fixture
+def text_copy(text_bundle, tmp_path):
+    """A copy of the text-only bundle, for tests that change it."""
+    import shutil
+
+    dst = tmp_path / "bundle"
+    shutil.copytree(text_bundle, dst)
+    return dst
+
+
+@pytest.fixture
+def vision_copy(vision_bundle, tmp_path):
+    """A copy of the bundle with two small buckets, for tests that change it."""
+    import shutil
+
+    dst = tmp_path / "bundle"
+    shutil.copytree(vision_bundle, dst)
+    return dst

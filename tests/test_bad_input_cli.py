@@ -20,7 +20,7 @@ from PIL import Image
 
 from planted import png_header
 
-from qwen3vl_compile.bundle.cli import main as bundle_main
+from qwen3vl_compile.bundle_cli import main as bundle_main
 from qwen3vl_compile.cli import main as compile_main
 from qwen3vl_compile.runtime.cli import main as run_main
 

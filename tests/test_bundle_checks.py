@@ -38,14 +38,6 @@ def bundle(fresh, tmp_path):
     return dst
 
 
-@pytest.fixture
-def text_copy(text_bundle, tmp_path):
-    """A copy of the text-only bundle, for the checks that need no vision graph."""
-    dst = tmp_path / "bundle"
-    shutil.copytree(text_bundle, dst)
-    return dst
-
-
 def _verify(path, capsys):
     rc = compile_main(["verify", str(path)])
     return rc, capsys.readouterr()

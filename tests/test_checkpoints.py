@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qwen3vl_compile import Pipeline
-from qwen3vl_compile.bundle.cli import main as bundle_main
+from qwen3vl_compile.bundle_cli import main as bundle_main
 from qwen3vl_compile.cli import main as compile_main
 from qwen3vl_compile.presets import preset_config
 from qwen3vl_compile.presets.materialize import GENERATION_CONFIG, build_random_model, write_checkpoint

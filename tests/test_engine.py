@@ -73,6 +73,7 @@ def test_concurrent_threads_get_what_they_get_alone(text_bundle, alone):
     assert out == alone
     # Requests were decoded together: fewer steps than tokens generated.
     assert pipe.scheduler.steps < pipe.scheduler.tokens == sum(len(a) for a in alone)
+    assert pipe.scheduler.peak_active == 2
     assert (pipe.scheduler.active, pipe.scheduler.waiting) == (0, 0)
     pipe.close()
 
@@ -215,3 +216,131 @@ def test_temporal_groups_are_split_before_the_any_size_graph(genai_bundle, tiny_
         got = enc.encode_dynamic(x, [grid])
         assert got.image_features.shape == ref_feats.shape
         np.testing.assert_allclose(got.image_features, ref_feats, rtol=1e-4, atol=1e-4 * np.abs(ref_feats).max())
+
+
+# -- many requests at once: fp32 tiny-random with images, and the trained tiny model in INT4 --
+
+@pytest.fixture(scope="module")
+def int4_bundle(tmp_path_factory):
+    """The trained tiny model, INT4 decoder (the default precision), one 224 bucket."""
+    from qwen3vl_compile.cli import main as compile_main
+
+    out = tmp_path_factory.mktemp("int4") / "bundle"
+    assert compile_main(["--model", "tiny", "--buckets", "224", "-o", str(out), "-q"]) == 0
+    return out
+
+
+def _requests(n: int, image_paths) -> list[dict]:
+    """``n`` different requests: prompts, images (none, one, two), lengths and sampling."""
+    prompts = ["What colour is the shape?", "Describe the picture in detail.", "How many shapes are there?",
+               "Hello", "Which image has more shapes?", "Tell me a story about a square.", "Is it round?", "Why?"]
+    out = []
+    for i in range(n):
+        images = [] if i % 3 == 0 else image_paths[: 1 + (i % 3 == 2)]
+        sampling = {} if i % 2 == 0 else {"temperature": 0.9, "top_p": 0.95, "seed": 10 + i}
+        out.append({"images": images, "prompt": prompts[i % len(prompts)], "max_new_tokens": 6 + 5 * i, **sampling})
+    return out
+
+
+def _run_concurrently(pipe, requests, *, stagger: float = 0.0) -> list:
+    results = [None] * len(requests)
+
+    def ask(i):
+        try:
+            results[i] = pipe.generate(**requests[i]).token_ids
+        except Exception as e:  # the assertion below shows it
+            results[i] = e
+
+    threads = []
+    for i in range(len(requests)):
+        threads.append(threading.Thread(target=ask, args=(i,)))
+        threads[-1].start()
+        if stagger:
+            time.sleep(stagger)  # later requests arrive while earlier ones are mid-decode
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    return results
+
+
+@pytest.fixture(scope="module")
+def sample_images():
+    from importlib import resources
+
+    assets = resources.files("qwen3vl_compile.assets")
+    return [str(assets / "sample.png"), str(assets / "sample2.png")]
+
+
+@pytest.mark.parametrize("which", ["fp32", "int4"])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_n_concurrent_requests_equal_their_solo_runs(which, n, vision_bundle, int4_bundle, sample_images):
+    """n requests (different prompts, no/one/two images, lengths and sampling settings) from n
+    threads through a pool of 4 slots: with 8 the pool is full and four wait, requests are
+    admitted while others are mid-decode and finish at different steps; each gets the tokens
+    it gets alone."""
+    bundle = vision_bundle if which == "fp32" else int4_bundle
+    requests = _requests(n, sample_images)
+    with Pipeline.load(bundle) as solo:
+        alone = [solo.generate(**r).token_ids for r in requests]
+    with Pipeline.load(bundle, max_batch=4) as pipe:
+        assert _run_concurrently(pipe, requests, stagger=0.02) == alone
+        # Whether requests overlap here depends on timing (test_concurrent_threads_... checks
+        # that they decode together); the pool never holds more than its slots.
+        assert pipe.scheduler.peak_active <= 4
+
+
+def test_a_decode_step_that_ignores_row_lengths_is_caught(vision_bundle, sample_images, monkeypatch):
+    """Planted bug: every row of a batched step attends over the longest row's length (the
+    shorter rows read stale or empty cache rows). The concurrency check must fail."""
+    from qwen3vl_compile.runtime.decoder_session import DecoderPool
+
+    requests = _requests(4, sample_images)
+    with Pipeline.load(vision_bundle) as solo:
+        alone = [solo.generate(**r).token_ids for r in requests]
+    real = DecoderPool.run
+
+    def ignore_lengths(self, lo, lengths, *a, **k):
+        return real(self, lo, [max(lengths)] * len(lengths), *a, **k)
+
+    monkeypatch.setattr(DecoderPool, "run", ignore_lengths)
+    with Pipeline.load(vision_bundle, max_batch=4) as pipe:
+        assert _run_concurrently(pipe, requests) != alone
+
+
+def test_one_cancelled_mid_stream_while_others_continue(vision_bundle, sample_images):
+    requests = _requests(3, sample_images)
+    requests[1]["max_new_tokens"] = 200
+    with Pipeline.load(vision_bundle) as solo:
+        alone = [solo.generate(**r).token_ids for r in requests]
+    with Pipeline.load(vision_bundle, max_batch=3) as pipe:
+        streams = [pipe.generate(**r, stream=True) for r in requests]
+        for s in streams:
+            next(s)
+        streams[1].close()
+        assert streams[1].result.stopped == "cancelled"
+        assert streams[1].result.token_ids == alone[1][: len(streams[1].result.token_ids)]
+        for i in (0, 2):
+            list(streams[i])
+            assert streams[i].result.token_ids == alone[i]
+
+
+def test_asyncio_consumers(text_bundle, alone):
+    """The scheduler serves asyncio consumers too: two requests submitted from a running
+    event loop, read with ``apieces()``, give their solo tokens."""
+    import asyncio
+
+    from qwen3vl_compile.runtime.sampling import SamplingConfig
+
+    async def main(pipe):
+        async def one(i):
+            seq = await asyncio.to_thread(pipe.submit, prompt=PROMPTS[i], max_new_tokens=16 + 4 * i,
+                                          sampling=SamplingConfig(**{k: v for k, v in SAMPLING[i].items()}))
+            text = "".join([p async for p in seq.apieces()])
+            return seq.result, text
+
+        return await asyncio.wait_for(asyncio.gather(one(0), one(2)), 120)
+
+    with Pipeline.load(text_bundle, max_batch=2) as pipe:
+        (r0, t0), (r2, t2) = asyncio.run(main(pipe))
+    assert (r0.token_ids, r2.token_ids) == (alone[0], alone[2])
+    assert (t0, t2) == (r0.text, r2.text)

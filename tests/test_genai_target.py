@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from qwen3vl_compile import Pipeline
-from qwen3vl_compile.bundle.cli import verify_bundle as verify
+from qwen3vl_compile.bundle_cli import verify_bundle as verify
 from qwen3vl_compile.cli import main as compile_main
 from qwen3vl_compile.errors import PassError, UsageError
 from qwen3vl_compile.packing import pack, unpack

@@ -19,7 +19,7 @@ import pytest
 from qwen3vl_compile.bundle.writer import STAGING_MARKER, BundleWriter, remove_stale_staging
 from qwen3vl_compile.cli import main
 from qwen3vl_compile.errors import UsageError
-from qwen3vl_compile.bundle.manifest import SCHEMA
+from qwen3vl_compile.bundle.manifest import SCHEMA, hash_files, write_manifest
 
 
 def _compile(*args: str) -> int:
@@ -47,13 +47,20 @@ def _one_error_line(capsys, *needles: str) -> str:
     return err
 
 
+_REAL: list[Path] = []
+
+
 def _fake_bundle(d: Path, extra: dict[str, str] | None = None) -> None:
-    d.mkdir(parents=True)
-    (d / "decoder.onnx").write_bytes(b"graph")
-    (d / "golden").mkdir()
-    (d / "golden" / "decoder.npz").write_bytes(b"npz")
-    files = {"decoder.onnx": {}, "golden/decoder.npz": {}}
-    (d / "manifest.json").write_text(json.dumps({"schema": SCHEMA, "schema_version": 1, "files": files}))
+    """A copy of a real compiled bundle (the embedding graph: seconds, built once), which
+    passes the bundle check, plus ``extra`` files."""
+    import shutil
+    import tempfile
+
+    if not _REAL:
+        src = Path(tempfile.mkdtemp(prefix="qwen3vl-real-")) / "bundle"
+        assert _compile("--graphs", "embedding", "--no-verify", "-o", str(src)) == 0
+        _REAL.append(src)
+    shutil.copytree(_REAL[0], d)
     for name, text in (extra or {}).items():
         (d / name).write_text(text)
 
@@ -128,7 +135,7 @@ def test_replacing_a_bundle_keeps_nothing_of_the_old_one(tmp_path):
         writer_dirs = sorted(p.name for p in tmp_path.iterdir())
         assert len(writer_dirs) == 2 and (staging / STAGING_MARKER).is_file()
     # __exit__ without commit: the old bundle is untouched and the staging dir is gone.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"] and (out / "decoder.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"] and (out / "embedding.onnx").exists()
     w = BundleWriter(out, force=True)
     with w as staging:
         (staging / "new.onnx").write_text("new")
@@ -226,3 +233,108 @@ def test_full_disk_leaves_nothing(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "[write] writing the bundle failed: No space left on device" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_force_refuses_a_forged_manifest(tmp_path, capsys):
+    """Issue 23: a hand-written manifest that claims our schema does not make the user's files
+    a bundle. (Before the fix this compiled and wiped thesis.tex and data.csv with exit 0.)"""
+    d = tmp_path / "thesis"
+    d.mkdir()
+    (d / "thesis.tex").write_text("years of work")
+    (d / "data.csv").write_text("1,2\n")
+    (d / "manifest.json").write_text(json.dumps({"schema": SCHEMA, "files": {"thesis.tex": {}, "data.csv": {}}}))
+    before = _snapshot(d)
+    assert _compile("-o", str(d), "--force", "--graphs", "embedding", "--no-verify") == 2
+    _one_error_line(capsys, "not a qwen3vl-compile bundle", "--force replaces only")
+    assert _snapshot(d) == before
+
+
+@pytest.mark.parametrize("case", ["no-version", "no-self-hash", "self-hash-but-no-hashes", "a-file-edited"])
+def test_force_refuses_a_manifest_that_fails_the_bundle_check(tmp_path, capsys, case):
+    from qwen3vl_compile.bundle.manifest import canonical_sha256
+
+    d = tmp_path / "work"
+    d.mkdir()
+    (d / "thesis.tex").write_text("years of work")
+    (d / "data.csv").write_text("1,2\n")
+    manifest = {"schema": SCHEMA, "schema_version": 1}
+    hash_files(d, manifest)
+    if case == "no-version":
+        del manifest["schema_version"]
+        manifest["manifest_sha256"] = canonical_sha256(manifest)
+    elif case == "self-hash-but-no-hashes":
+        manifest["files"] = {"thesis.tex": {}, "data.csv": {}}
+        manifest["manifest_sha256"] = canonical_sha256(manifest)
+    elif case == "a-file-edited":
+        manifest["manifest_sha256"] = canonical_sha256(manifest)
+        (d / "data.csv").write_text("1,2\n3,4\n")  # the user's edit after a forged listing
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    before = _snapshot(d)
+    assert _compile("-o", str(d), "--force") == 2
+    _one_error_line(capsys, "not a qwen3vl-compile bundle", "--force replaces only")
+    assert _snapshot(d) == before
+
+
+@pytest.fixture(scope="module")
+def real_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "bundle"
+    assert _compile("--graphs", "embedding", "--no-verify", "-o", str(out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("thing", ["empty-folder", "fifo", "socket", "symlink", "listed-file-as-symlink"])
+def test_force_refuses_a_real_bundle_holding_something_we_never_write(tmp_path, capsys, real_bundle, thing):
+    import shutil
+    import socket
+
+    out = tmp_path / "bundle"
+    shutil.copytree(real_bundle, out)
+    BundleWriter(out, force=True).check_target()  # as compiled, it may be replaced
+    if thing == "empty-folder":
+        (out / "my-notes").mkdir()
+        name, kind = "my-notes", "directory"
+    elif thing == "fifo":
+        os.mkfifo(out / "pipe")
+        name, kind = "pipe", "FIFO"
+    elif thing == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(out / "sock"))
+        s.close()
+        name, kind = "sock", "socket"
+    elif thing == "symlink":
+        (tmp_path / "elsewhere.txt").write_text("mine")
+        (out / "link").symlink_to(tmp_path / "elsewhere.txt")
+        name, kind = "link", "symbolic link"
+    else:  # a listed file replaced by a link to a copy: hashes match, but we never write links
+        shutil.copy(out / "config.json", tmp_path / "config.json")
+        (out / "config.json").unlink()
+        (out / "config.json").symlink_to(tmp_path / "config.json")
+        name, kind = "config.json", "symbolic link"
+    before = sorted(p.name for p in out.iterdir())
+    assert _compile("--graphs", "embedding", "--no-verify", "-o", str(out), "--force") == 2
+    _one_error_line(capsys, f"the {kind} {name!r}", "does not list", "--force replaces only")
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert os.path.lexists(out / name)
+
+
+def test_a_stale_old_copy_is_removed_only_when_its_bundle_was_replaced(tmp_path):
+    """An .old directory of a killed replace: moved back when OUT is missing, left alone when
+    OUT is not a bundle, removed when OUT holds the (new) bundle."""
+    def old_copy(name: str) -> Path:
+        d = _staging(tmp_path, f".{name}.old-1-x", _dead_pid(), time.time())
+        (d / "decoder.onnx.data").unlink()
+        _fake_bundle(d / "bundle")
+        marker = json.loads((d / STAGING_MARKER).read_text())
+        (d / STAGING_MARKER).write_text(json.dumps({**marker, "target": name}))
+        return d
+
+    missing = old_copy("gone")
+    user_made = old_copy("users")
+    _user_files(tmp_path / "users")
+    replaced = old_copy("new")
+    _fake_bundle(tmp_path / "new")
+    assert sorted(remove_stale_staging(tmp_path)) == sorted([missing, replaced])  # emptied, then removed
+    assert not missing.exists() and (tmp_path / "gone" / "embedding.onnx").is_file()
+    BundleWriter(tmp_path / "gone", force=True).check_target()  # a whole bundle again
+    assert (user_made / "bundle" / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".users.old-1-x", "gone", "new", "users"]

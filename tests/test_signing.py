@@ -7,7 +7,6 @@ not), the wrong public key, and an unsigned bundle saying so."""
 import base64
 import importlib.util
 import json
-import shutil
 import sys
 
 import pytest
@@ -43,13 +42,6 @@ def keys(tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def copy(text_bundle, tmp_path):
-    dst = tmp_path / "bundle"
-    shutil.copytree(text_bundle, dst)
-    return dst
-
-
 def _cli(capsys, *argv):
     rc = compile_main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -64,71 +56,71 @@ def _weight_file(bundle) -> str:
 
 
 @needs_sign
-def test_sign_verify_tamper_and_wrong_key(copy, keys, capsys):
+def test_sign_verify_tamper_and_wrong_key(text_copy, keys, capsys):
     from qwen3vl_compile.runtime.pipeline import Pipeline
 
     (priv_a, pub_a), (_, pub_b) = keys["a"], keys["b"]
-    rc, out, err = _cli(capsys, "sign", copy, "--key", priv_a)
+    rc, out, err = _cli(capsys, "sign", text_copy, "--key", priv_a)
     assert rc == 0, err
-    assert (copy / SIGNATURE).is_file() and "integrity: signed" in out
+    assert (text_copy / SIGNATURE).is_file() and "integrity: signed" in out
 
-    rc, out, err = _cli(capsys, "verify", copy, "--public-key", pub_a)
+    rc, out, err = _cli(capsys, "verify", text_copy, "--public-key", pub_a)
     assert rc == 0, out + err
     assert f"integrity: signed ({SIGNATURE}, verified with {pub_a}" in out.splitlines()[0]
     assert "UNKNOWN" not in out  # the signature is a known file, not a stray one
-    rc, out, _ = _cli(capsys, "inspect", copy)
+    rc, out, _ = _cli(capsys, "inspect", text_copy)
     assert rc == 0 and f"integrity: signed ({SIGNATURE}, key sha256 " in out
-    Pipeline.load(copy, public_key=pub_a)
+    Pipeline.load(text_copy, public_key=pub_a)
 
     # The wrong public key.
-    rc, out, err = _cli(capsys, "verify", copy, "--public-key", pub_b)
+    rc, out, err = _cli(capsys, "verify", text_copy, "--public-key", pub_b)
     assert rc == 1 and len(err.splitlines()) == 1, err
     assert f"signature check failed: {SIGNATURE} was made with another key than {pub_b}" in err
     assert "files:" not in out  # nothing else was checked
     with pytest.raises(BundleError, match="another key"):
-        Pipeline.load(copy, public_key=pub_b)
+        Pipeline.load(text_copy, public_key=pub_b)
 
     # One byte of a weight file changed, and the manifest rehashed to match: the sha256
     # checks are fooled, the signature is not.
-    weight = _weight_file(copy)
-    path = copy / weight
+    weight = _weight_file(text_copy)
+    path = text_copy / weight
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    m = json.loads((copy / "manifest.json").read_text())
+    m = json.loads((text_copy / "manifest.json").read_text())
     m["files"][weight]["sha256"] = sha256_file(path)
-    write_manifest(copy, m)
-    open_checked(copy)  # the hash checks pass
-    rc, out, err = _cli(capsys, "verify", copy, "--public-key", pub_a)
+    write_manifest(text_copy, m)
+    open_checked(text_copy)  # the hash checks pass
+    rc, out, err = _cli(capsys, "verify", text_copy, "--public-key", pub_a)
     assert rc == 1 and len(err.splitlines()) == 1, err
     assert "signature check failed: changed since signing: " in err
     assert weight in err and "manifest.json" in err
     with pytest.raises(BundleError, match="changed since signing"):
-        Pipeline.load(copy, public_key=pub_a)
+        Pipeline.load(text_copy, public_key=pub_a)
 
     # ... and the signed list edited to match too: the signature no longer verifies.
-    sig = json.loads((copy / SIGNATURE).read_text())
+    sig = json.loads((text_copy / SIGNATURE).read_text())
     payload = json.loads(base64.b64decode(sig["dsseEnvelope"]["payload"]))
     for r in payload["predicate"]["resources"]:
         if r["name"] in (weight, "manifest.json"):
-            r["digest"] = sha256_file(copy / r["name"])
+            r["digest"] = sha256_file(text_copy / r["name"])
     sig["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(payload, indent=2).encode()).decode()
-    (copy / SIGNATURE).write_text(json.dumps(sig))
-    rc, out, err = _cli(capsys, "verify", copy, "--public-key", pub_a)
+    (text_copy / SIGNATURE).write_text(json.dumps(sig))
+    rc, out, err = _cli(capsys, "verify", text_copy, "--public-key", pub_a)
     assert rc == 1 and len(err.splitlines()) == 1, err
     assert f"signature check failed: {SIGNATURE} does not verify with {pub_a} (InvalidSignature: its signed file list was altered" in err
 
 
 @needs_sign
-def test_added_file_breaks_the_signature_and_damaged_bundle_is_not_signed(copy, keys, capsys):
+def test_added_file_breaks_the_signature_and_damaged_bundle_is_not_signed(text_copy, keys, capsys):
     priv, pub = keys["a"]
-    (copy / "extra.txt").write_text("x")
-    rc, _, err = _cli(capsys, "sign", copy, "--key", priv)
-    assert rc == 1 and "extra.txt" in err and "does not list" in err and not (copy / SIGNATURE).exists()
-    (copy / "extra.txt").unlink()
-    assert _cli(capsys, "sign", copy, "--key", priv)[0] == 0
-    (copy / "extra.txt").write_text("x")
-    rc, _, err = _cli(capsys, "verify", copy, "--public-key", pub)
+    (text_copy / "extra.txt").write_text("x")
+    rc, _, err = _cli(capsys, "sign", text_copy, "--key", priv)
+    assert rc == 1 and "extra.txt" in err and "does not list" in err and not (text_copy / SIGNATURE).exists()
+    (text_copy / "extra.txt").unlink()
+    assert _cli(capsys, "sign", text_copy, "--key", priv)[0] == 0
+    (text_copy / "extra.txt").write_text("x")
+    rc, _, err = _cli(capsys, "verify", text_copy, "--public-key", pub)
     assert rc == 1 and "not signed (added): extra.txt" in err, err
 
 
@@ -150,15 +142,15 @@ def test_compile_with_sign_key(tmp_path, keys, capsys):
 
 
 @needs_sign
-def test_bad_keys_are_one_line(copy, keys, capsys, tmp_path):
+def test_bad_keys_are_one_line(text_copy, keys, capsys, tmp_path):
     not_a_key = tmp_path / "key.pem"
     not_a_key.write_text("hello\n")
-    rc, _, err = _cli(capsys, "sign", copy, "--key", not_a_key)
+    rc, _, err = _cli(capsys, "sign", text_copy, "--key", not_a_key)
     assert rc == 2 and len(err.splitlines()) == 1 and "not an unencrypted PEM elliptic-curve private key" in err, err
-    rc, _, err = _cli(capsys, "sign", copy, "--key", tmp_path / "absent.pem")
+    rc, _, err = _cli(capsys, "sign", text_copy, "--key", tmp_path / "absent.pem")
     assert rc == 2 and "cannot read it" in err, err
-    assert _cli(capsys, "sign", copy, "--key", keys["a"][0])[0] == 0
-    rc, _, err = _cli(capsys, "verify", copy, "--public-key", keys["a"][0])  # a private key as the public one
+    assert _cli(capsys, "sign", text_copy, "--key", keys["a"][0])[0] == 0
+    rc, _, err = _cli(capsys, "verify", text_copy, "--public-key", keys["a"][0])  # a private key as the public one
     assert rc == 2 and "not a PEM elliptic-curve public key" in err, err
 
 

@@ -7,28 +7,12 @@ one ``[bundle]`` line and a non-zero exit."""
 from __future__ import annotations
 
 import json
-import shutil
 
-import numpy as np
 import pytest
 
 from planted import rehash_bundle
 from qwen3vl_compile.cli import main as compile_main
 from qwen3vl_compile.runtime.cli import main as run_main
-
-
-@pytest.fixture
-def text_copy(text_bundle, tmp_path):
-    dst = tmp_path / "bundle"
-    shutil.copytree(text_bundle, dst)
-    return dst
-
-
-@pytest.fixture
-def vision_copy(vision_bundle, tmp_path):
-    dst = tmp_path / "bundle"
-    shutil.copytree(vision_bundle, dst)
-    return dst
 
 
 def _run(capsys, *argv):
@@ -122,7 +106,7 @@ def test_unknown_precision_fails(text_copy, capsys):
 def _swap_prompt_tokens(root):
     from tokenizers import Tokenizer
 
-    from qwen3vl_compile.bundle.goldens import TEXT_GOLDEN_PROMPTS
+    from qwen3vl_compile.runtime.text_golden import TEXT_GOLDEN_PROMPTS
 
     tok = Tokenizer.from_file(str(root / "tokenizer.json"))
     data = json.loads((root / "tokenizer.json").read_text())

@@ -40,6 +40,7 @@ from pathlib import Path, PurePosixPath
 
 from .. import __version__
 from ..errors import BundleError
+from ..jsonio import read_json_object  # noqa: F401 - also read from here by older callers
 from ..upstream import installed_version
 from .records import StageResult
 
@@ -123,18 +124,6 @@ def write_manifest(root: Path, manifest: dict) -> Path:
     path = root / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return path
-
-
-def read_json_object(path: Path, error: type[Exception] = BundleError, what: str = "") -> dict:
-    """A JSON file that must hold an object (a config, a manifest): its dict, or ``error``
-    in one line for an unreadable file, bad JSON or another JSON type."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path}: unreadable ({e})") from None
-    if not isinstance(value, dict):
-        raise error(f"{path}: not a JSON object{what}")
-    return value
 
 
 def load_manifest(root: Path) -> dict:
@@ -278,7 +267,7 @@ def validate_manifest(m: dict, where: Path | str = MANIFEST) -> None:
             listed(m[section].get("file"), f"{section}'s file")
     if "processor" in m:
         from ..errors import LoadError
-        from ..runtime.preprocess import ProcessorConfig
+        from ..processor_config import ProcessorConfig
 
         try:
             ProcessorConfig.from_dict(m["processor"])

@@ -28,7 +28,7 @@ class PassReport:
 
     @classmethod
     def from_json(cls, d: dict) -> "PassReport":
-        return cls(d["pass"], bool(d["modified"]), dict(d.get("stats") or {}), float(d.get("seconds") or 0.0))
+        return cls(d["pass"], bool(d.get("modified")), dict(d.get("stats") or {}), float(d.get("seconds") or 0.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class TensorInfo:
     @classmethod
     def from_json(cls, d: dict) -> "TensorInfo":
         shape = d.get("shape")
-        return cls(d["name"], d["dtype"], tuple(shape) if shape is not None else None)
+        return cls(d["name"], d.get("dtype", ""), tuple(shape) if shape is not None else None)
 
 
 # Keys every graph entry has; whatever else a graph kind records lives in ``details``.
@@ -71,6 +71,30 @@ class GraphEntry:
     @property
     def name(self) -> str:
         return self.file.removesuffix(".onnx")
+
+    @property
+    def spec(self) -> "DecoderSpec":
+        """A decoder graph's spec (KeyError for a graph that has none)."""
+        return DecoderSpec.from_json(self.details["spec"])
+
+    @property
+    def source_graph(self) -> str | None:
+        """The graph whose weights an onnxruntime-genai wrapper reads, if this is one."""
+        return self.details.get("source_graph")
+
+    @property
+    def dynamic(self) -> bool:
+        """A vision graph that takes any image size (the grid is an input)."""
+        return bool(self.details.get("dynamic"))
+
+    @property
+    def images_per_call(self) -> int | None:
+        return self.details.get("images_per_call")
+
+    @property
+    def deepstack_packing(self) -> dict | None:
+        """How a wrapper packs (features, DeepStack) pairs into one wide tensor, if it does."""
+        return self.details.get("deepstack_packing")
 
     def to_json(self) -> dict:
         return {
@@ -142,3 +166,67 @@ class StageResult:
         self.failures += other.failures
         self.sections.update(other.sections)
         return self
+
+
+# -- the read side: a bundle's manifest as typed records --------------------------------------
+# ``bundle.manifest.validate_manifest`` checks the JSON's shape once, when the manifest is
+# loaded; these records only give its sections names and types (they check nothing again).
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSpec:
+    """A decoder graph's ``spec``: the rotary table's length (the longest sequence it serves),
+    the hidden size of its input embeddings, and how many DeepStack levels it takes."""
+
+    context_length: int
+    hidden: int
+    deepstack_levels: int
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DecoderSpec":
+        return cls(int(d["context_length"]), int(d["hidden"]), int(d["deepstack_levels"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketRow:
+    """One vision bucket: the image size it serves, its processed grid and token count, and
+    the graph file that runs it."""
+
+    name: str
+    height: int
+    width: int
+    grid_thw: tuple[int, int, int]
+    num_tokens: int
+    graph: str
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BucketRow":
+        return cls(d["name"], d["height"], d["width"], tuple(d["grid_thw"]), d.get("num_tokens", 0), d["graph"])
+
+
+@dataclasses.dataclass
+class BundleManifest:
+    """What a reader of a bundle (the runtime, ``inspect``) takes from its manifest: the
+    graphs, the vision buckets, the image processor's settings and the fallback weights.
+    ``json`` keeps the whole manifest as read."""
+
+    graphs: dict[str, GraphEntry]
+    buckets: list[BucketRow]
+    processor: dict[str, Any]
+    fallback: dict[str, Any] | None
+    json: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, m: dict) -> "BundleManifest":
+        return cls(
+            graphs={name: GraphEntry.from_json(g) for name, g in (m.get("graphs") or {}).items()},
+            buckets=[BucketRow.from_json(b) for b in m.get("buckets") or []],
+            processor=dict(m.get("processor") or {}),
+            fallback=m.get("fallback") or None,
+            json=m,
+        )
+
+    @classmethod
+    def of(cls, manifest: "BundleManifest | dict") -> "BundleManifest":
+        """``manifest`` typed: a BundleManifest as it is, a manifest's JSON object read."""
+        return manifest if isinstance(manifest, cls) else cls.from_json(manifest)

@@ -17,7 +17,7 @@ floating point). What is left is the graph's own arithmetic (and for int4 at
 distance to the *unquantized* model (cosine, top-1 agreement, relative error) is reported
 beside it, not gated: it is the cost of the precision the user chose.
 
-Cases, all through :class:`~qwen3vl_compile.runtime.decoder_session.DecoderSession` (the
+Cases, all through :class:`~qwen3vl_compile.ort.decoder_session.DecoderSession` (the
 runtime's own KV-cache path), each a prefill and 3 decode steps:
 
 - ``text_only``: sequential positions;
@@ -56,7 +56,7 @@ CASES = (("text_only", ()), ("image", ((1, 6, 8),)), ("two_images", ((1, 4, 4), 
 
 def text_weight_bytes(ck: Checkpoint, layers: int | None = None) -> int:
     """fp32 bytes of the text layers (all, or the first ``layers``) plus the lm_head."""
-    from .moe import is_moe_layer, num_experts
+    from ..model.support import is_moe_layer, num_experts
 
     spec = DecoderSpec.from_checkpoint(ck, 1)
     t = ck.text_config
@@ -263,7 +263,7 @@ def _cases(ck: Checkpoint, skeleton, seed: int) -> dict[str, _Case]:
 
 def run_onnx(path: Path, cases: dict[str, _Case], *, threads: int = 0) -> dict[str, np.ndarray]:
     """Last-position prefill logits then each decode step's: ``[1 + DECODE_STEPS, vocab]``."""
-    from ..runtime.decoder_session import DecoderSession
+    from ..ort.decoder_session import DecoderSession
 
     session = DecoderSession(path, max_length=256, threads=threads)
     return {name: _decode_rows(session, c.embeds, c.positions, c.deepstack, c.step_embeds,
@@ -466,7 +466,7 @@ def self_golden(onnx_path: Path, golden: dict[str, np.ndarray], *, threads: int 
     """For a decoder gated through a truncated slice: the gate's golden inputs (its ``image``
     case) with the shipped graph's own logits at compile time (``verify`` then detects any
     later change)."""
-    from ..runtime.decoder_session import DecoderSession
+    from ..ort.decoder_session import DecoderSession
 
     session = DecoderSession(Path(onnx_path), max_length=256, threads=threads)
     logits = _decode_rows(session, golden["prefill_embeds"], golden["prefill_positions"], golden["prefill_deepstack"],

@@ -263,7 +263,7 @@ def verify_embedding(onnx_path: Path, ck: Checkpoint, *, seed: int = 3, precisio
     For ``int4`` the reference table rows are the INT4 lm_head's own quantize-dequantize
     round trip (the oracle, gated); the distance to the unquantized rows is reported."""
     from ..parity import TOLERANCES, GraphParity, measure
-    from ..runtime.session import ort_session
+    from ..ort.session import ort_session
 
     key = ck.find("embed_tokens.weight", ("model.language_model.", "model.", "language_model.model."))
     weight = ck.tensor(key).float()

@@ -226,7 +226,7 @@ def processor_config(processor) -> dict:
 
 
 def write_genai_configs(staging: Path, ck, spec: dict) -> list[str]:
-    from ..runtime.preprocess import ProcessorConfig
+    from ..processor_config import ProcessorConfig
 
     processor = ProcessorConfig.from_dict(ck.preprocessor or {})
     (staging / GENAI_CONFIG).write_text(json.dumps(genai_config(ck, spec, ck.generation_config), indent=2) + "\n")

@@ -79,25 +79,13 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import ExportError, LoadError
+from ..model.support import is_moe_layer, num_experts  # noqa: F401 - is_moe_layer is part of this module's interface
 from .quantize import quantize_int4
 
 F32, F16, U8 = ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.UINT8
 
 # Attributes that make ONNX Runtime's SwiGLU exactly silu(gate) * up (see the module docstring).
 SWIGLU_ATTRS = dict(activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
-
-
-def num_experts(text_config: dict) -> int:
-    """The Hub's config.json says ``num_experts``; transformers 5's ``save_pretrained`` writes
-    the same value as ``num_local_experts``."""
-    return int(text_config.get("num_experts") or text_config.get("num_local_experts") or 0)
-
-
-def is_moe_layer(text_config: dict, i: int) -> bool:
-    """Whether decoder layer i has the sparse-MoE MLP (HF's Qwen3VLMoeTextDecoderLayer rule)."""
-    if i in (text_config.get("mlp_only_layers") or []):
-        return False
-    return num_experts(text_config) > 0 and (i + 1) % text_config.get("decoder_sparse_step", 1) == 0
 
 
 def moe_kwargs(text_config: dict) -> dict:

@@ -36,7 +36,8 @@ import onnx_ir as ir
 from ..model.checkpoint import Checkpoint
 from ..errors import ExportError, UsageError
 from ..options import DecoderOptions
-from .moe import is_moe_layer, moe_kwargs, moe_mlp
+from ..model.support import is_moe_layer
+from .moe import moe_kwargs, moe_mlp
 from .quantize import quantize_int4
 
 TEXT_PREFIXES = ("model.language_model.", "model.", "language_model.model.")

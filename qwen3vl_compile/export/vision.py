@@ -19,7 +19,7 @@ from ..bundle.goldens import pixel_values_from_u8
 from ..bundle.records import GraphEntry, TensorInfo
 from ..parity import GraphParity
 from . import vision_common
-from ..runtime.session import ort_session
+from ..ort.session import ort_session
 from .vision_common import OUTPUT_NAMES, export_graph, feature_outputs, measure_cases, reference_outputs
 
 INPUT_NAMES = ["pixel_values"]

@@ -33,7 +33,7 @@ from ..errors import ExportError
 from ..parity import GraphParity
 from ..runtime.vision import run_dynamic
 from . import vision_common
-from ..runtime.session import ort_session
+from ..ort.session import ort_session
 from .vision_common import OUTPUT_NAMES, export_graph, feature_outputs, measure_cases, reference_outputs
 
 GRAPH_NAME = "vision_dynamic"

@@ -14,6 +14,21 @@ class UnsupportedError(LoadError):
     exit_code = 2
 
 
+# How a checkpoint's text_config lays out its sparse-MoE layers: read here, by the support
+# checks, and by the export of the MoE blocks (``export/moe.py``).
+def num_experts(text_config: dict) -> int:
+    """The Hub's config.json says ``num_experts``; transformers 5's ``save_pretrained`` writes
+    the same value as ``num_local_experts``."""
+    return int(text_config.get("num_experts") or text_config.get("num_local_experts") or 0)
+
+
+def is_moe_layer(text_config: dict, i: int) -> bool:
+    """Whether decoder layer i has the sparse-MoE MLP (HF's Qwen3VLMoeTextDecoderLayer rule)."""
+    if i in (text_config.get("mlp_only_layers") or []):
+        return False
+    return num_experts(text_config) > 0 and (i + 1) % text_config.get("decoder_sparse_step", 1) == 0
+
+
 _TEXT_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 _VISION_REQUIRED = ("depth", "hidden_size", "num_heads", "intermediate_size", "patch_size", "spatial_merge_size",
                     "temporal_patch_size", "out_hidden_size", "num_position_embeddings")
@@ -93,17 +108,14 @@ def check_config(config: dict) -> None:
     """Refuse config values outside what the vision, embedding and decoder graphs compute,
     and values of the wrong JSON type (sizes that are not positive integers, flags that are
     not true/false), each named with its value."""
-    from ..export.moe import is_moe_layer, num_experts
 
     text, vision = config["text_config"], config["vision_config"]
-    for field in _TEXT_REQUIRED:
-        _positive_int(text, "text_config", field)
-    for field in _TEXT_OPTIONAL_SIZES:
-        _optional_positive_int(text, "text_config", field)
-    for field in _VISION_REQUIRED:
-        _positive_int(vision, "vision_config", field)
-    for field in _VISION_OPTIONAL_SIZES:
-        _optional_positive_int(vision, "vision_config", field)
+    for section, where, required, optional in ((text, "text_config", _TEXT_REQUIRED, _TEXT_OPTIONAL_SIZES),
+                                               (vision, "vision_config", _VISION_REQUIRED, _VISION_OPTIONAL_SIZES)):
+        for field in required:
+            _positive_int(section, where, field)
+        for field in optional:
+            _optional_positive_int(section, where, field)
     for field in _TEXT_FLAGS:
         _flag(text, "text_config", field)
     for field in _TOP_FLAGS:
@@ -182,7 +194,6 @@ def text_weight_shapes(ck) -> dict[str, tuple[tuple[int, ...], ...]]:
     """Every text tensor the decoder and embedding graphs read: checkpoint suffix (under the
     text prefix; lm_head as its full key) -> the accepted shapes."""
     from .checkpoint import TEXT_PREFIXES
-    from ..export.moe import is_moe_layer, num_experts
 
     t = ck.text_config
     H, V = t["hidden_size"], t["vocab_size"]
@@ -281,7 +292,6 @@ def check_build_options(config: dict, precision: str, block_size: int) -> None:
     """Options that a particular checkpoint cannot take: QMoE quantizes experts in blocks
     that must divide both the hidden size and the expert size."""
     from ..errors import UsageError
-    from ..export.moe import num_experts
 
     text = config["text_config"]
     if precision == "int4" and num_experts(text):

@@ -183,7 +183,8 @@ class ChatFormatter:
         except Exception as e:  # jinja2.TemplateSyntaxError
             if isinstance(e, BundleError):
                 raise
-            raise BundleError(f"{files.root}: the chat template does not parse ({e})") from None
+            where = f" at line {e.lineno}: {e.message}" if getattr(e, "lineno", None) else f" ({e})"
+            raise BundleError(f"{files.root}: the chat template has a syntax error{where}") from None
         config = _read_json(files.find("tokenizer_config.json"))
         self.special_tokens = {k: _token_text(config[k]) for k in SPECIAL_TOKEN_NAMES if config.get(k) is not None}
         self.image_pad_id = self._require_id(IMAGE_PAD)

@@ -37,23 +37,23 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from ..cli_io import run_cli
 
-    return run_cli(lambda: _run(argv), "qwen3vl-run")
+    return run_cli(lambda: _run(argv), "qwen3vl-run", exiting=argv is None)
 
 
 def _run(argv) -> int:
     args = _parser().parse_args(argv)
     from .pipeline import Pipeline
 
-    pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss, skip_hash_check=args.skip_hash_check,
-                         public_key=args.public_key)
-    pieces = pipe.generate(
-        images=args.image, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True,
-    )
-    for piece in pieces:
-        if not args.json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    with Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss, skip_hash_check=args.skip_hash_check,
+                       public_key=args.public_key) as pipe:
+        pieces = pipe.generate(
+            images=args.image, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True,
+        )
+        for piece in pieces:
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
     result = pieces.result
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))

@@ -2,8 +2,8 @@
 
 Built from one frozen :class:`EngineOptions` (threads, execution providers, ``max_batch``,
 ``max_length``, the image-size policy), validated once. The pool holds ``max_batch`` slots
-of ``max_length`` tokens per layer (see :mod:`.decoder_session`); its size is computed,
-printed and checked against the memory this machine has available *before* anything is
+of ``max_length`` tokens per layer (see :mod:`qwen3vl_compile.ort.decoder_session`); its size
+is computed, printed and checked against the memory this machine has available *before* anything is
 allocated. The engine offers:
 
 - :meth:`Engine.embed`: token ids (+ image rows) to input embeddings (thread-safe: any
@@ -25,11 +25,12 @@ import os
 
 import numpy as np
 
+from ..bundle.records import BundleManifest
 from ..errors import BundleError, RuntimeInputError
 from ..options import whole_number
-from .decoder_session import DecoderPool
+from ..ort.decoder_session import DecoderPool
 from .rope_index import decode_positions
-from .session import ort_session
+from ..ort.session import ort_session
 from .vision import ON_MISS, VisionEncoder
 
 GIB = 1024**3
@@ -78,13 +79,15 @@ def available_memory() -> int | None:
 
 
 class Engine:
-    def __init__(self, files, manifest: dict, options: EngineOptions = EngineOptions(), *, log=None):
-        """``files``: the bundle's BundleFiles (only the files its manifest lists are opened)."""
+    def __init__(self, files, manifest: BundleManifest | dict, options: EngineOptions = EngineOptions(), *, log=None):
+        """``files``: the bundle's BundleFiles (only the files its manifest lists are opened);
+        ``manifest``: its manifest, typed or as read."""
         self.files = files
         self.root = files.root
         self.options = options
         self._log = log or (lambda msg: None)
-        graphs = manifest.get("graphs", {})
+        manifest = BundleManifest.of(manifest)
+        graphs = manifest.graphs
         for needed in ("embedding", "decoder"):
             if needed not in graphs:
                 raise BundleError(f"{self.root}: the bundle has no {needed} graph (compiled with --graphs?)")
@@ -92,18 +95,18 @@ class Engine:
         if unknown:
             raise RuntimeInputError(f"execution provider {unknown[0]!r} is not in this onnxruntime "
                                     f"(available: {', '.join(_available_providers())})", stage="engine")
-        spec = graphs["decoder"]["spec"]
-        self.context_length = int(spec["context_length"])
-        self.hidden = int(spec["hidden"])
-        self.levels = int(spec["deepstack_levels"])
+        spec = graphs["decoder"].spec
+        self.context_length = spec.context_length
+        self.hidden = spec.hidden
+        self.levels = spec.deepstack_levels
         max_length = options.max_length or self.context_length
         if max_length > self.context_length:
             raise RuntimeInputError(f"max_length {max_length} is above the bundle's context length {self.context_length} "
                                     "(its rotary table)", stage="engine")
         self.max_length = max_length
         self.max_batch = options.max_batch
-        self.embedding = self.session(files.path(graphs["embedding"]["file"]))
-        decoder_file = files.path(graphs["decoder"]["file"])
+        self.embedding = self.session(files.path(graphs["embedding"].file))
+        decoder_file = files.path(graphs["decoder"].file)
         session = self.session(decoder_file)
         self._check_pool(session)
         self.pool = DecoderPool(decoder_file, max_batch=self.max_batch, max_length=max_length, session=session)

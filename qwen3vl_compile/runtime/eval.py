@@ -18,7 +18,6 @@ Answers are scored case-insensitively; ``contains`` matches the answer as whole 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -281,7 +280,7 @@ def _parser():
 def main(argv=None) -> int:
     from ..cli_io import run_cli
 
-    return run_cli(lambda: _main(argv), "qwen3vl-eval")
+    return run_cli(lambda: _main(argv), "qwen3vl-eval", exiting=argv is None)
 
 
 def _main(argv) -> int:

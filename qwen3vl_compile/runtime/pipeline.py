@@ -20,6 +20,7 @@ import numpy as np
 
 from ..bundle.check import open_checked
 from ..bundle.manifest import BundleFiles
+from ..bundle.records import BundleManifest
 from ..options import check_threads, whole_number
 from ..errors import RuntimeInputError
 from .engine import Engine, EngineOptions
@@ -49,14 +50,15 @@ class Pipeline:
         self.root = Path(root)
         self.manifest = manifest
         self.options = options
+        typed = BundleManifest.of(manifest)  # read once; the engine and the vision side share it
         # Every file is read through the manifest's list: a file it does not list is never opened.
         self.files = BundleFiles.of_manifest(self.root, manifest)
-        text = TextSide.load(self.files, manifest.get("processor") or {})
+        text = TextSide.load(self.files, typed.processor)
         self.config, self.processor, self.chat = text.config, text.processor, text.chat
         self.image_token_id, self.video_token_id, self.merge = text.image_token_id, text.video_token_id, text.merge
         # Never generated (see Sampler): the image/video pads and <|vision_pad|>.
         self.placeholder_ids = {self.image_token_id, self.video_token_id, self.chat.tokenizer.token_to_id("<|vision_pad|>")}
-        self.engine = Engine(self.files, manifest, options, log=log)
+        self.engine = Engine(self.files, typed, options, log=log)
         self.context_length = self.engine.max_length
         self.hidden = self.engine.hidden
         self.levels = self.engine.levels
@@ -90,8 +92,9 @@ class Pipeline:
     def __enter__(self) -> "Pipeline":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # On an error nobody will read the requests still in flight: cancel them.
+        self.close(timeout=0 if exc_type is not None else None)
 
     # -- public API ------------------------------------------------------------------
     def generate(

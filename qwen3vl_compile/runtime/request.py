@@ -58,6 +58,16 @@ class Prepared:
 Event = tuple[str, object]
 
 
+def _piece(event: Event) -> str | None:
+    """The text of a ``text`` event; None at ``done``; an ``error`` event's error raised."""
+    kind, value = event
+    if kind == "text":
+        return value
+    if kind == "done":
+        return None
+    raise value
+
+
 class Sequence:
     """Everything one request needs while it decodes: token ids, cache length, rope delta,
     slot, sampler (its own seeded generator), stream decoder, stop ids, token budget,
@@ -109,38 +119,28 @@ class Sequence:
     def pieces(self) -> Iterator[str]:
         """The text as it is generated; the result is then :attr:`result`. Closing the
         generator early cancels the request."""
-        if self._queue is None:
-            raise RuntimeError("this sequence sends its events to a sink of its own")
         try:
-            while True:
-                kind, value = self._queue.get()
-                if kind == "text":
-                    yield value
-                elif kind == "done":
-                    return
-                else:
-                    raise value
+            while (piece := _piece(self._events().get())) is not None:
+                yield piece
         finally:
             if not self.finished:
                 self.cancel()
 
-    async def apieces(self) -> AsyncIterator[str]:  # pragma: no cover - exercised by the server
+    async def apieces(self) -> AsyncIterator[str]:
+        """:meth:`pieces` for asyncio: waiting for the next event does not block the loop."""
         import asyncio
 
-        if self._queue is None:
-            raise RuntimeError("this sequence sends its events to a sink of its own")
         try:
-            while True:
-                kind, value = await asyncio.to_thread(self._queue.get)
-                if kind == "text":
-                    yield value
-                elif kind == "done":
-                    return
-                else:
-                    raise value
+            while (piece := _piece(await asyncio.to_thread(self._events().get))) is not None:
+                yield piece
         finally:
             if not self.finished:
                 self.cancel()
+
+    def _events(self) -> queue.Queue:
+        if self._queue is None:
+            raise RuntimeError("this sequence sends its events to a sink of its own")
+        return self._queue
 
     def wait_finished(self, timeout: float | None = None) -> bool:
         """Block until the scheduler has finished, cancelled or failed this request."""

@@ -19,9 +19,11 @@ events from a generator or from asyncio (see :class:`~.request.Sequence`).
 
 from __future__ import annotations
 
+import atexit
 import collections
 import threading
 import time
+import weakref
 
 from ..errors import RuntimeInputError
 from .request import Sequence
@@ -31,6 +33,18 @@ class QueueFull(RuntimeInputError):
     """Every slot is busy and the waiting queue is at its limit."""
 
     stage = "engine"
+
+
+# Every scheduler with a live thread: stopped at interpreter exit (requests cancelled, thread
+# joined), so that no decoder run is still inside ONNX Runtime while Python tears down (that
+# aborts the process: "terminate called without an active exception").
+_live: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for scheduler in list(_live):
+        scheduler.close(timeout=0)
 
 
 class Scheduler:
@@ -44,6 +58,7 @@ class Scheduler:
         self._closed = False
         self.steps = 0  # batched decode steps run
         self.tokens = 0  # tokens generated
+        self.peak_active = 0  # the most sequences decoded together so far
 
     # -- any thread -------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> Sequence:
@@ -56,6 +71,7 @@ class Scheduler:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="qwen3vl-scheduler", daemon=True)
                 self._thread.start()
+                _live.add(self)
             self._cv.notify()
         return seq
 
@@ -69,7 +85,7 @@ class Scheduler:
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new requests, let the submitted ones finish (cancelled after ``timeout``
-        seconds if given), stop the thread."""
+        seconds if given; ``timeout=0`` cancels them at once), stop the thread."""
         with self._cv:
             self._closed = True
             self._cv.notify()
@@ -124,6 +140,7 @@ class Scheduler:
             seq.timings["prefill_s"] = time.perf_counter() - t
             seq.slot, seq.length = slot, seq.prompt_tokens
             self._active.append(seq)  # a failed sequence is evicted with the finished ones
+            self.peak_active = max(self.peak_active, len(self._active))
             seq.accept(logits)
         except Exception as e:
             seq.fail(e)

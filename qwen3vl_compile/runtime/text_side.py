@@ -11,7 +11,7 @@ import json
 
 from ..errors import BundleError
 from .chat import ChatFormatter
-from .preprocess import ProcessorConfig
+from ..processor_config import ProcessorConfig
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle.records import BundleManifest
 from ..errors import BundleError, RuntimeInputError
 
 ON_MISS = ("fallback", "fit", "error")
@@ -42,18 +43,16 @@ class VisionResult:
     seconds: float
 
 
-def buckets_from_manifest(manifest: dict) -> list[BucketGraph]:
-    return [
-        BucketGraph(b["name"], b["height"], b["width"], tuple(b["grid_thw"]), b["graph"]) for b in manifest.get("buckets", [])
-    ]
+def buckets_from_manifest(manifest: BundleManifest | dict) -> list[BucketGraph]:
+    return [BucketGraph(b.name, b.height, b.width, b.grid_thw, b.graph) for b in BundleManifest.of(manifest).buckets]
 
 
-def dynamic_graph_from_manifest(manifest: dict) -> tuple[str, bool] | None:
+def dynamic_graph_from_manifest(manifest: BundleManifest | dict) -> tuple[str, bool] | None:
     """The bundle's any-size vision graph: (file, one image per call), or None. The
     per-image graph is preferred (its memory does not grow with patches^2)."""
-    found = [(g["file"], g.get("images_per_call") == 1) for g in manifest.get("graphs", {}).values()
+    found = [(g.file, g.images_per_call == 1) for g in BundleManifest.of(manifest).graphs.values()
              # genai_vision.onnx is dynamic too, but packs DeepStack for onnxruntime-genai.
-             if g.get("kind") == "vision" and g.get("dynamic") and not g.get("deepstack_packing")]
+             if g.kind == "vision" and g.dynamic and not g.deepstack_packing]
     return max(found, key=lambda f: f[1]) if found else None
 
 
@@ -117,14 +116,15 @@ def nearest_bucket(buckets: list[BucketGraph], height: int, width: int) -> Bucke
 
 
 class VisionEncoder:
-    def __init__(self, root, manifest: dict, session_factory, *, on_miss: str = "fallback"):
+    def __init__(self, root, manifest: BundleManifest | dict, session_factory, *, on_miss: str = "fallback"):
         """``root``: the bundle directory or its BundleFiles; graphs and fallback weights are
-        opened only when the manifest lists them."""
+        opened only when the manifest (typed or as read) lists them."""
         from ..bundle.manifest import BundleFiles
 
         if on_miss not in ON_MISS:
             raise RuntimeInputError(f"--on-miss {on_miss!r}: choose one of {', '.join(ON_MISS)}")
-        self.files = root if isinstance(root, BundleFiles) else BundleFiles.of_manifest(Path(root), manifest)
+        manifest = BundleManifest.of(manifest)
+        self.files = root if isinstance(root, BundleFiles) else BundleFiles.of_manifest(Path(root), manifest.json)
         self.root = self.files.root
         self.manifest = manifest
         self.on_miss = on_miss
@@ -134,7 +134,7 @@ class VisionEncoder:
         self._sessions: dict[str, object] = {}
         self._fallback = None
         self.dynamic_file, self.dynamic_per_image = dynamic_graph_from_manifest(manifest) or (None, False)
-        self.merge = int((manifest.get("processor") or {}).get("merge_size", 2))
+        self.merge = int(manifest.processor.get("merge_size", 2))
 
     def bucket_for_grid(self, grid_thw) -> BucketGraph | None:
         return self._by_grid.get(tuple(int(v) for v in grid_thw))
@@ -183,7 +183,7 @@ class VisionEncoder:
 
     def _fallback_model(self):
         if self._fallback is None:
-            info = self.manifest.get("fallback")
+            info = self.manifest.fallback
             if not info:
                 raise BundleError(f"{self.root}: the bundle carries no fallback vision weights")
             from .fallback import FallbackVision

@@ -6,15 +6,18 @@ bundle holds no file the manifest does not list, the text golden (chat template,
 processor settings), then each graph's interface and its golden input with ONNX Runtime,
 judged with this tool's tolerance table for the recorded precision; it prints a table of max
 errors and exits 0 only when everything holds (else one ``[verify]`` line on stderr, exit 1).
+
+It stands above both ``bundle/`` (the bundle's format and checks) and ``runtime/`` (whose
+text side the text golden reruns).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import BundleError, VerifyError
-from ..options import check_threads
-from ..parity import parity_summary
+from .errors import BundleError, VerifyError
+from .options import check_threads
+from .parity import parity_summary
 
 
 def _fmt_bytes(n: int) -> str:
@@ -26,8 +29,9 @@ def _fmt_bytes(n: int) -> str:
 
 
 def inspect_bundle(root: Path) -> int:
-    from .check import check_manifest_integrity, load_manifest
-    from .signing import integrity_line
+    from .bundle.check import check_manifest_integrity, load_manifest
+    from .bundle.records import BundleManifest
+    from .bundle.signing import integrity_line
 
     m = load_manifest(root)
     integrity = "ok"
@@ -41,19 +45,20 @@ def inspect_bundle(root: Path) -> int:
     print(integrity_line(root))
     print(f"tool       {m['tool']['name']} {m['tool']['version']}; " + ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items() if v))
     print(f"source     {src.get('model')} ({src.get('architecture')}), config sha256 {str(src.get('config_sha256'))[:16]}")
-    print(f"options    " + ", ".join(f"{k}={v}" for k, v in m.get("options", {}).items()))
-    if m.get("buckets"):
-        print("buckets    " + ", ".join(f"{b['name']} (grid {b['grid_thw'][1]}x{b['grid_thw'][2]}, {b['num_tokens']} tokens)" for b in m["buckets"]))
+    print("options    " + ", ".join(f"{k}={v}" for k, v in m.get("options", {}).items()))
+    typed = BundleManifest.from_json(m)
+    if typed.buckets:
+        print("buckets    " + ", ".join(f"{b.name} (grid {b.grid_thw[1]}x{b.grid_thw[2]}, {b.num_tokens} tokens)" for b in typed.buckets))
     print("graphs")
-    for name, g in m.get("graphs", {}).items():
-        size = sum(m["files"].get(f, {}).get("bytes", 0) for f in [g["file"], *g.get("data_files", [])])
+    for name, g in typed.graphs.items():
+        size = sum(m["files"].get(f, {}).get("bytes", 0) for f in [g.file, *g.data_files])
         parity = m.get("parity", {}).get(name)
         verdict = parity_summary(parity) if parity else "not verified"
-        passes = ", ".join(p["pass"] + ("*" if p["modified"] else "") for p in g.get("passes", []))
-        if g.get("source_graph") and g.get("data_files"):  # an onnxruntime-genai wrapper reading its source's data
-            size = m["files"].get(g["file"], {}).get("bytes", 0)
-            verdict += f"; external weights shared with {g['source_graph']}"
-        print(f"  {name:<18} {g['kind']:<9} {g['precision']:<5} {_fmt_bytes(size):>9}  {verdict}")
+        passes = ", ".join(p.name + ("*" if p.modified else "") for p in g.passes)
+        if g.source_graph and g.data_files:  # an onnxruntime-genai wrapper reading its source's data
+            size = m["files"].get(g.file, {}).get("bytes", 0)
+            verdict += f"; external weights shared with {g.source_graph}"
+        print(f"  {name:<18} {g.kind:<9} {g.precision:<5} {_fmt_bytes(size):>9}  {verdict}")
         print(f"  {'':<18} passes: {passes}  (* = changed the graph)")
     total = sum(f["bytes"] for f in m.get("files", {}).values())
     print(f"files      {len(m.get('files', {}))} files, {_fmt_bytes(total)}")
@@ -66,10 +71,11 @@ def verify_bundle(root: Path, *, threads: int = 0, public_key: Path | None = Non
     """Print the check, one row per graph output; return 0 when everything holds, else raise
     VerifyError naming what failed (one line on stderr, exit 1). With ``public_key`` the
     bundle's signature is checked first."""
-    from .check import check_files, check_manifest_integrity, load_manifest, unknown_files
-    from ..runtime.session import ort_session
-    from .goldens import check_golden, check_interface, check_text_golden, table_tolerance
-    from .signing import integrity_line, verify as verify_signature
+    from .bundle.check import check_files, check_manifest_integrity, load_manifest, unknown_files
+    from .ort.session import ort_session
+    from .bundle.goldens import check_golden, check_interface, table_tolerance
+    from .runtime.text_golden import check_text_golden
+    from .bundle.signing import integrity_line, verify as verify_signature
 
     check_threads(threads)
     m = load_manifest(root)
@@ -163,14 +169,14 @@ def _first_line(e: Exception) -> str:
     return (text[0] if text else type(e).__name__)[:200]
 
 
-def main(argv: list[str]) -> int:
-    from ..cli_io import run_cli
+def main(argv: list[str], *, exiting: bool = False) -> int:
+    from .cli_io import run_cli
 
-    return run_cli(lambda: _main(argv), f"qwen3vl-compile {argv[0]}")
+    return run_cli(lambda: _main(argv), f"qwen3vl-compile {argv[0]}", exiting=exiting)
 
 
 def _main(argv: list[str]) -> int:
-    from ..cli_io import OneLineParser
+    from .cli_io import OneLineParser
 
     p = OneLineParser(prog=f"qwen3vl-compile {argv[0]}")
     p.add_argument("bundle", type=Path)
@@ -184,7 +190,7 @@ def _main(argv: list[str]) -> int:
     if argv[0] == "inspect":
         return inspect_bundle(args.bundle)
     if argv[0] == "sign":
-        from .signing import integrity_line, sign
+        from .bundle.signing import integrity_line, sign
 
         print(f"wrote {sign(args.bundle, args.key)}")
         print(integrity_line(args.bundle))
