@@ -75,6 +75,15 @@ class RuntimeInputError(Qwen3VLCompileError):
     exit_code = 2
 
 
+class ContextLengthError(RuntimeInputError):
+    """A prompt (with its image tokens) that does not fit the bundle's context."""
+
+    def __init__(self, message: str, *, prompt_tokens: int, context_length: int, stage: str | None = None):
+        super().__init__(message, stage=stage)
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+
 class GenerationError(Qwen3VLCompileError):
     """Generation cannot go on (the decoder returned NaN or inf logits, say)."""
 

@@ -13,6 +13,8 @@ TORCH_FREE_MODULES = (
     "qwen3vl_compile.runtime.cli",
     "qwen3vl_compile.runtime.pipeline",
     "qwen3vl_compile.runtime.eval",
+    "qwen3vl_compile.serve.cli",
+    "qwen3vl_compile.serve.app",
     "qwen3vl_compile.bundle_cli",
     "qwen3vl_compile.bundle.check",
     "qwen3vl_compile.bundle.goldens",

@@ -140,6 +140,65 @@ def build_messages(prompt: str, num_images: int, system: str | None = None) -> l
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def template_messages(messages) -> tuple[list, list[dict]]:
+    """A conversation ``[{"role": "system" | "user" | "assistant", "content": str | [parts]}]``
+    with parts ``{"type": "text", "text": str}`` and ``{"type": "image", "image": <a path, PIL
+    image or array>}`` -> ``(images in order, the messages as the chat template takes them)``:
+    each image part becomes ``{"type": "image"}``. Anything else is refused, naming where."""
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, (list, tuple)) or not messages:
+        raise RuntimeInputError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, "
+                                f"got {type(messages).__name__ if messages else 'an empty list'}")
+    images, out = [], []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise RuntimeInputError(f"{where} must be a dict with 'role' and 'content', got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise RuntimeInputError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+        if isinstance(content, str):
+            _check_text(content, f"{where}.content")
+            out.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise RuntimeInputError(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                _check_text(part["text"], f"{where}.content[{j}].text")
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image" and "image" in part:
+                if role != "user":
+                    raise RuntimeInputError(f"{where}.content[{j}]: images belong in user messages, not {role}")
+                images.append(part["image"])
+                parts.append({"type": "image"})
+            else:
+                raise RuntimeInputError(f"{where}.content[{j}] must be {{'type': 'text', 'text': str}} or "
+                                        f"{{'type': 'image', 'image': ...}}, got {_short(part)}")
+        out.append({"role": role, "content": parts})
+    return images, out
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_text(text: str, name: str) -> None:
+    from .pipeline import check_text
+
+    check_text(text, name)
+
+
+def check_no_pads(text: str, name: str) -> None:
+    if IMAGE_PAD in text or VIDEO_PAD in text:
+        raise RuntimeInputError(f"{name} contains a literal {IMAGE_PAD} or {VIDEO_PAD}; remove it")
+
+
 def image_token_count(grid_thw: Sequence[int], merge_size: int) -> int:
     """Pad tokens one image takes: ``t*h*w / merge**2`` (Qwen3VLProcessor.replace_image_token)."""
     t, h, w = (int(v) for v in grid_thw)
@@ -215,10 +274,22 @@ class ChatFormatter:
         """``input_ids [1, S]`` int64, each image's pad expanded to its token count."""
         counts = list(image_token_counts)
         for name, text in (("prompt", prompt), ("system prompt", system or "")):
-            if IMAGE_PAD in text or VIDEO_PAD in text:
-                raise RuntimeInputError(f"the {name} contains a literal {IMAGE_PAD} or {VIDEO_PAD}; remove it")
-        text = expand_image_pads(self.render(build_messages(prompt, len(counts), system)), counts)
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            check_no_pads(text, f"the {name}")
+        return self._tokenize(self.render(build_messages(prompt, len(counts), system)), counts)
+
+    def encode_messages(self, messages: list[dict], image_token_counts: Iterable[int] = ()) -> np.ndarray:
+        """``input_ids [1, S]`` of a multi-turn conversation in the template's form (see
+        :func:`template_messages`: images as ``{"type": "image"}`` parts, in order), each
+        image's pad expanded to its token count, as :meth:`encode` does for one prompt."""
+        for i, message in enumerate(messages):
+            content = message["content"]
+            texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
+            for text in texts:
+                check_no_pads(text, f"message {i} ({message['role']})")
+        return self._tokenize(self.render(messages), list(image_token_counts))
+
+    def _tokenize(self, rendered: str, counts: list[int]) -> np.ndarray:
+        ids = self.tokenizer.encode(expand_image_pads(rendered, counts), add_special_tokens=False).ids
         return np.asarray(ids, dtype=np.int64)[None]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -48,10 +48,12 @@ class EngineOptions:
     max_batch: int = 1
     max_length: int | None = None
     on_miss: str = "fallback"
+    vision_cache_mb: int = 256  # vision features kept by image content (0: no cache)
 
     def __post_init__(self):
         whole_number(self.threads, "threads", 0, RuntimeInputError)
         whole_number(self.max_batch, "max_batch", 1, RuntimeInputError)
+        whole_number(self.vision_cache_mb, "vision_cache_mb", 0, RuntimeInputError)
         if self.max_length is not None:
             whole_number(self.max_length, "max_length", 2, RuntimeInputError)
         if self.on_miss not in ON_MISS:
@@ -110,7 +112,8 @@ class Engine:
         session = self.session(decoder_file)
         self._check_pool(session)
         self.pool = DecoderPool(decoder_file, max_batch=self.max_batch, max_length=max_length, session=session)
-        self.vision = VisionEncoder(files, manifest, self.session, on_miss=options.on_miss)
+        self.vision = VisionEncoder(files, manifest, self.session, on_miss=options.on_miss,
+                                    cache_bytes=int(options.vision_cache_mb) * 2**20)
         self._no_images = (np.zeros((0, self.hidden), np.float32), np.zeros((self.levels, 0, self.hidden), np.float32))
 
     def session(self, path):

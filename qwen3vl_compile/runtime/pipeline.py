@@ -22,7 +22,8 @@ from ..bundle.check import open_checked
 from ..bundle.manifest import BundleFiles
 from ..bundle.records import BundleManifest
 from ..options import check_threads, whole_number
-from ..errors import RuntimeInputError
+from ..errors import ContextLengthError, RuntimeInputError
+from .chat import build_messages, check_no_pads, template_messages
 from .engine import Engine, EngineOptions
 from .preprocess import grid_for_size, image_size, load_image, preprocess
 from .request import GenerationResult, Prepared
@@ -42,11 +43,14 @@ class Pipeline:
     together; more wait for a slot."""
 
     def __init__(self, root: Path, manifest: dict, *, threads: int = 0, on_miss: str = "fallback",
-                 max_batch: int = 1, max_length: int | None = None, providers=("CPUExecutionProvider",), log=None):
+                 max_batch: int = 1, max_length: int | None = None, providers=("CPUExecutionProvider",), log=None,
+                 vision_cache_mb: int = 256, max_waiting: int | None = None):
         check_threads(threads, "threads", RuntimeInputError)
         threads = int(threads)  # a numpy integer too
         options = EngineOptions(threads=threads, providers=providers, max_batch=max_batch, max_length=max_length,
-                                on_miss=on_miss)
+                                on_miss=on_miss, vision_cache_mb=vision_cache_mb)
+        if max_waiting is not None:
+            whole_number(max_waiting, "max_waiting", 0, RuntimeInputError)
         self.root = Path(root)
         self.manifest = manifest
         self.options = options
@@ -63,16 +67,21 @@ class Pipeline:
         self.hidden = self.engine.hidden
         self.levels = self.engine.levels
         self.vision = self.engine.vision
-        self.scheduler = Scheduler(self.engine)
+        self.scheduler = Scheduler(self.engine, max_waiting=max_waiting)
 
     @classmethod
     def load(cls, root, *, threads: int = 0, on_miss: str = "fallback", skip_hash_check: bool = False,
              public_key=None, max_batch: int = 1, max_length: int | None = None,
-             providers=("CPUExecutionProvider",), log=None) -> "Pipeline":
+             providers=("CPUExecutionProvider",), log=None, vision_cache_mb: int = 256,
+             max_waiting: int | None = None) -> "Pipeline":
         """``public_key``: a PEM public key; the bundle must then carry a valid signature by its
         private key (``qwen3vl-compile sign``), checked before anything else is read.
         ``max_batch`` requests decode together (the KV pool's slots, of ``max_length`` tokens,
-        default the bundle's context length); ``log`` receives the pool's size."""
+        default the bundle's context length); ``log`` receives the pool's size. Vision
+        features are kept for ``vision_cache_mb`` MiB of images (by content, least recently
+        used dropped first; 0: none), so a follow-up turn about an image skips the vision
+        graph. More than ``max_waiting`` requests waiting for a slot: ``submit`` raises
+        :class:`~.scheduler.QueueFull` (None: no limit)."""
         if not isinstance(root, (str, os.PathLike)):
             raise RuntimeInputError(f"Pipeline.load needs the bundle directory (a str or path), got {type(root).__name__}")
         check_threads(threads, "threads", RuntimeInputError)  # before any hashing
@@ -83,7 +92,7 @@ class Pipeline:
             skip_hash_check = True  # every file was just hashed against the signed list
         manifest = open_checked(Path(root), skip_hash_check=skip_hash_check)
         return cls(Path(root), manifest, threads=threads, on_miss=on_miss, max_batch=max_batch, max_length=max_length,
-                   providers=providers, log=log)
+                   providers=providers, log=log, vision_cache_mb=vision_cache_mb, max_waiting=max_waiting)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the requests in flight (cancelled after ``timeout`` seconds) and stop."""
@@ -124,13 +133,19 @@ class Pipeline:
         return gen.result
 
     def submit(self, images: Sequence = (), prompt: str = "", *, system: str | None = None, max_new_tokens: int = 128,
-               sampling: SamplingConfig = SamplingConfig(), sink=None) -> RequestSequence:
+               sampling: SamplingConfig = SamplingConfig(), sink=None, messages=None) -> RequestSequence:
         """Prepare a request in the calling thread (preprocess, vision, embedding) and queue
         it for decoding; returns its :class:`~.request.Sequence` (read its events with
-        ``pieces()`` / ``apieces()``, or give ``sink`` a callable that takes them)."""
-        images = _check_api_inputs(images, prompt, system, max_new_tokens)
+        ``pieces()`` / ``apieces()``, or give ``sink`` a callable that takes them).
+
+        ``messages`` instead of ``images`` / ``prompt`` / ``system``: a multi-turn
+        conversation ``[{"role": "system" | "user" | "assistant", "content": str | parts}]``,
+        parts ``{"type": "text", "text": ...}`` and ``{"type": "image", "image": <path, PIL
+        image or array>}``, rendered with the bundle's chat template (the answer continues
+        it as the assistant)."""
+        images, conversation = self._conversation(images, prompt, system, messages, max_new_tokens)
         t_start = time.perf_counter()
-        prepared = self._prepare(images, prompt, system)
+        prepared = self._prepare(images, conversation)
         seq = RequestSequence(
             prepared, sampler=Sampler(sampling, banned=self.placeholder_ids), stream=self.chat.stream(),
             stop_ids=self.chat.stop_ids, max_new_tokens=max_new_tokens, context_length=self.context_length,
@@ -138,13 +153,27 @@ class Pipeline:
         )
         return self.scheduler.submit(seq)
 
-    def check_request(self, images: Sequence = (), prompt: str = "", system: str | None = None) -> int:
+    def check_request(self, images: Sequence = (), prompt: str = "", system: str | None = None, *,
+                      messages=None) -> int:
         """The checks that need no model work: every image's header (readable, not too small
         or thin: the pixels are not decoded) and the prompt's token count with the image
-        tokens those sizes give, against the bundle's context. Returns that token count."""
-        images = _check_api_inputs(images, prompt, system, 1)
+        tokens those sizes give, against the bundle's context (:class:`ContextLengthError`).
+        Returns that token count. ``messages``: as in :meth:`submit`."""
+        images, conversation = self._conversation(images, prompt, system, messages, 1)
         counts = [self._header_tokens(image) for image in images]
-        return self._check_context(self.chat.encode(prompt, counts, system))
+        return self._check_context(self.chat.encode_messages(conversation, counts))
+
+    def _conversation(self, images, prompt, system, messages, max_new_tokens) -> tuple[list, list[dict]]:
+        """The request's images and its messages in the chat template's form."""
+        if messages is None:
+            images = _check_api_inputs(images, prompt, system, max_new_tokens)
+            for name, text in (("prompt", prompt), ("system prompt", system or "")):
+                check_no_pads(text, f"the {name}")
+            return images, build_messages(prompt, len(images), system)
+        if (isinstance(images, (list, tuple)) and images) or not isinstance(images, (list, tuple)) or prompt or system:
+            raise RuntimeInputError("give either messages=[...] or images/prompt/system, not both")
+        whole_number(max_new_tokens, "max_new_tokens", 1, RuntimeInputError)
+        return template_messages(messages)
 
     def _header_tokens(self, image) -> int:
         """Image tokens of ``image`` from its size alone (an exact count, or in ``fit`` mode
@@ -164,8 +193,9 @@ class Pipeline:
     def _check_context(self, input_ids) -> int:
         n_prompt = input_ids.shape[1]
         if n_prompt >= self.context_length:  # refused before any vision work
-            raise RuntimeInputError(
-                f"prompt with image tokens is {n_prompt} tokens, longer than the bundle's context of {self.context_length}"
+            raise ContextLengthError(
+                f"prompt with image tokens is {n_prompt} tokens, longer than the bundle's context of {self.context_length}",
+                prompt_tokens=n_prompt, context_length=self.context_length,
             )
         return n_prompt
 
@@ -197,15 +227,15 @@ class Pipeline:
             entry.update(served_by=result.served_by, vision_s=round(result.seconds, 4))
         return encoded
 
-    def _prepare(self, images, prompt: str, system) -> Prepared:
+    def _prepare(self, images, conversation: list[dict]) -> Prepared:
         """Everything before the decoder, in the calling thread: images preprocessed (the
         context checked before any vision work), encoded, the prompt embedded, its positions."""
         images = list(images)
         # From the image headers first: an image too big for the context is refused before
         # its pixels are decoded (a 13000x13000 PNG is 500 MB of them).
-        self._check_context(self.chat.encode(prompt, [self._header_tokens(i) for i in images], system))
+        self._check_context(self.chat.encode_messages(conversation, [self._header_tokens(i) for i in images]))
         processed, image_info, timings = self._preprocess_images(images)
-        input_ids = self.chat.encode(prompt, [p.num_tokens for p in processed], system)
+        input_ids = self.chat.encode_messages(conversation, [p.num_tokens for p in processed])
         self._check_context(input_ids)
         encoded = self._encode_images(processed, image_info, timings)
         n_pads = int((input_ids == self.image_token_id).sum())

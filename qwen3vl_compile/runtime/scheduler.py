@@ -65,8 +65,11 @@ class Scheduler:
         with self._cv:
             if self._closed:
                 raise RuntimeInputError("the engine is shut down; no new requests", stage="engine")
-            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting for a slot (the limit)")
+            # Requests a free slot takes at the next admission are not waiting for one.
+            free = max(0, self.engine.max_batch - len(self._active))
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting + free:
+                waiting = len(self._waiting) - free
+                raise QueueFull(f"every slot is busy and {waiting} request(s) already wait for one (the limit)")
             self._waiting.append(seq)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="qwen3vl-scheduler", daemon=True)

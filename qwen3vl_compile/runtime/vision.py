@@ -14,8 +14,11 @@ graph; other sizes follow the ``on_miss`` policy:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -115,10 +118,64 @@ def nearest_bucket(buckets: list[BucketGraph], height: int, width: int) -> Bucke
     return min(buckets, key=cost)
 
 
+class FeatureCache:
+    """Vision features by image content: a hash of the preprocessed pixels and the grid ->
+    ``(image_features, deepstack, served_by)``, least recently used dropped first once the
+    entries' arrays pass ``max_bytes``. Thread-safe; the cached arrays are read-only."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: collections.OrderedDict[bytes, tuple] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(pixel_values: np.ndarray, grid_thw) -> bytes:
+        h = hashlib.blake2b(digest_size=20)
+        h.update(np.asarray([int(v) for v in grid_thw], np.int64).tobytes())
+        pixels = np.ascontiguousarray(pixel_values)
+        h.update(str((pixels.dtype.str, pixels.shape)).encode())
+        h.update(memoryview(pixels).cast("B"))
+        return h.digest()
+
+    def get(self, key: bytes):
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
+
+    def put(self, key: bytes, feats: np.ndarray, deep: np.ndarray, served_by: str) -> None:
+        size = feats.nbytes + deep.nbytes
+        if size > self.max_bytes:
+            return
+        feats, deep = feats.copy(), deep.copy()
+        feats.flags.writeable = deep.flags.writeable = False
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = (feats, deep, served_by)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (f, d, _) = self._entries.popitem(last=False)
+                self.bytes -= f.nbytes + d.nbytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class VisionEncoder:
-    def __init__(self, root, manifest: BundleManifest | dict, session_factory, *, on_miss: str = "fallback"):
+    def __init__(self, root, manifest: BundleManifest | dict, session_factory, *, on_miss: str = "fallback",
+                 cache_bytes: int = 0):
         """``root``: the bundle directory or its BundleFiles; graphs and fallback weights are
-        opened only when the manifest (typed or as read) lists them."""
+        opened only when the manifest (typed or as read) lists them. ``cache_bytes`` > 0:
+        :meth:`encode` keeps features of that many bytes by image content (see
+        :class:`FeatureCache`)."""
         from ..bundle.manifest import BundleFiles
 
         if on_miss not in ON_MISS:
@@ -135,6 +192,7 @@ class VisionEncoder:
         self._fallback = None
         self.dynamic_file, self.dynamic_per_image = dynamic_graph_from_manifest(manifest) or (None, False)
         self.merge = int(manifest.processor.get("merge_size", 2))
+        self.cache = FeatureCache(cache_bytes) if cache_bytes > 0 else None
 
     def bucket_for_grid(self, grid_thw) -> BucketGraph | None:
         return self._by_grid.get(tuple(int(v) for v in grid_thw))
@@ -143,6 +201,23 @@ class VisionEncoder:
         return ", ".join(f"{b.name} (grid {b.grid_thw[1]}x{b.grid_thw[2]})" for b in self.buckets) or "none"
 
     def encode(self, pixel_values: np.ndarray, grid_thw) -> VisionResult:
+        """Features of one image; from the cache when the same pixels and grid were encoded
+        before (``served_by`` then ends in "(cached)")."""
+        import time
+
+        if self.cache is None:
+            return self._encode(pixel_values, grid_thw)
+        t = time.perf_counter()
+        key = self.cache.key(pixel_values, grid_thw)
+        hit = self.cache.get(key)
+        if hit is not None:
+            feats, deep, served_by = hit
+            return VisionResult(feats, deep, f"{served_by} (cached)", time.perf_counter() - t)
+        result = self._encode(pixel_values, grid_thw)
+        self.cache.put(key, result.image_features, result.deepstack, result.served_by)
+        return result
+
+    def _encode(self, pixel_values: np.ndarray, grid_thw) -> VisionResult:
         import time
 
         t = time.perf_counter()

@@ -1,0 +1,148 @@
+"""Images of a chat request: ``data:`` URLs (PNG, JPEG, WebP), local files only inside
+``--allowed-media-dir`` (the path resolved, symlinks and ``..`` included, before the check),
+``http(s)`` URLs only with ``--allow-url-fetch`` (a timeout and a size limit). Every image is
+read as bytes and opened header-first: its format and size are checked before any pixel is
+decoded. Mistakes are :class:`~.errors.ApiError` (400, or 413 for an image over a limit)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import os
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+
+from .errors import ApiError, bad_request
+
+FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaPolicy:
+    allowed_dir: Path | None = None  # resolved
+    allow_url_fetch: bool = False
+    max_image_bytes: int = 20 * 2**20
+    max_image_pixels: int = 8192 * 8192
+    url_timeout_s: float = 10.0
+
+
+def read_image(url: str, param: str, policy: MediaPolicy):
+    """The image an ``image_url`` names, as a PIL image whose header only has been read."""
+    if not isinstance(url, str) or not url:
+        raise bad_request("image_url.url must be a non-empty string", param)
+    if url.startswith("data:"):
+        data = _data_url(url, param, policy)
+    elif url.startswith(("http://", "https://")):
+        data = _fetch(url, param, policy)
+    else:
+        data = _local_file(url, param, policy)
+    return open_image(data, param, policy)
+
+
+def _too_big(what: str, size: int, limit: int, param: str) -> ApiError:
+    return ApiError(413, f"{what} is {size} bytes, over the limit of {limit} bytes", param=param,
+                    code="image_too_large")
+
+
+def _data_url(url: str, param: str, policy: MediaPolicy) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise bad_request("a data: image URL must be data:image/<png|jpeg|webp>;base64,<data>", param)
+    # base64 holds 3 bytes per 4 characters: refuse before decoding what is surely too big.
+    if len(payload) * 3 // 4 > policy.max_image_bytes + 3:
+        raise _too_big("the data: image", len(payload) * 3 // 4, policy.max_image_bytes, param)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request("the data: image URL is not valid base64", param) from None
+    if len(data) > policy.max_image_bytes:
+        raise _too_big("the data: image", len(data), policy.max_image_bytes, param)
+    return data
+
+
+def _local_file(url: str, param: str, policy: MediaPolicy) -> bytes:
+    if policy.allowed_dir is None:
+        raise bad_request("local image paths are not served (start the server with --allowed-media-dir DIR); "
+                          "send the image as a data: URL", param)
+    if url.startswith("file://"):
+        parsed = urllib.parse.urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise bad_request(f"file URL with a host ({parsed.netloc!r}) is not a local path", param)
+        raw = urllib.parse.unquote(parsed.path)
+    elif "://" in url:
+        raise bad_request(f"unsupported image URL scheme {url.split('://')[0]!r}: use data:, a path, or http(s)", param)
+    else:
+        raw = url
+    if "\x00" in raw:
+        raise bad_request("the image path holds a NUL character", param)
+    path = Path(os.path.realpath(policy.allowed_dir / raw))  # absolute paths replace the base; links and .. resolved
+    if not path.is_relative_to(policy.allowed_dir):
+        raise bad_request(f"image path {raw!r} is outside the allowed media directory", param, code="path_not_allowed")
+    if not path.is_file():
+        raise bad_request(f"image path {raw!r}: no such file in the allowed media directory", param)
+    size = path.stat().st_size
+    if size > policy.max_image_bytes:
+        raise _too_big(f"image file {raw!r}", size, policy.max_image_bytes, param)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise bad_request(f"image path {raw!r} cannot be read ({e.strerror or e})", param) from None
+
+
+def _fetch(url: str, param: str, policy: MediaPolicy) -> bytes:
+    if not policy.allow_url_fetch:
+        raise bad_request("http(s) image URLs are not fetched (start the server with --allow-url-fetch); "
+                          "send the image as a data: URL", param)
+    limit = policy.max_image_bytes
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "qwen3vl-serve"}),
+                                    timeout=policy.url_timeout_s) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > limit:
+                raise _too_big("the image at the URL", int(length), limit, param)
+            data = response.read(limit + 1)
+    except ApiError:
+        raise
+    except Exception as e:  # URLError, HTTPError, timeouts, bad URLs
+        raise bad_request(f"could not fetch the image URL ({type(e).__name__}: {e})", param) from None
+    if len(data) > limit:
+        raise _too_big("the image at the URL", len(data), limit, param)
+    return data
+
+
+def open_image(data: bytes, param: str, policy: MediaPolicy):
+    """A PIL image of ``data`` with its header read (format and size checked); its pixels are
+    decoded later, by :func:`decode`."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as e:
+        raise ApiError(413, f"the image is too large to decode ({e})", param=param, code="image_too_large") from None
+    except Exception:  # UnidentifiedImageError, truncated headers, ...
+        raise bad_request("the image is not a readable PNG, JPEG or WebP file", param, code="invalid_image") from None
+    pixels = image.width * image.height
+    if pixels > policy.max_image_pixels:
+        raise ApiError(413, f"the image is {image.width}x{image.height} pixels, over the limit of "
+                            f"{policy.max_image_pixels} pixels", param=param, code="image_too_large")
+    return image
+
+
+def decode(image, param: str):
+    """Decode the pixels (EXIF orientation applied, as for image files): a truncated or damaged
+    image is a 400 here."""
+    from PIL import Image, ImageOps
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except Exception as e:
+        raise bad_request(f"the image cannot be decoded ({type(e).__name__}: {e})", param, code="invalid_image") from None

@@ -1,0 +1,430 @@
+"""``qwen3vl-serve`` as a real server process on a free loopback port, driven by OpenAI's own
+Python client: plain and streamed completions, multi-turn with images, the same greedy text as
+``Pipeline`` for the same messages, the same answer alone or among concurrent requests, every
+client mistake as OpenAI's error shape with its status (and the server keeps serving), a client
+that disconnects mid-stream frees its slot, SIGTERM finishes the request in flight.
+
+Every server is started by a fixture with a bounded wait for /health and always stopped
+(SIGTERM, then SIGKILL); every request loop is bounded in count and time."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+starlette = pytest.importorskip("starlette", reason="the [serve] extra (starlette, uvicorn) is not installed")
+pytest.importorskip("uvicorn", reason="the [serve] extra (starlette, uvicorn) is not installed")
+openai = pytest.importorskip("openai", reason="the openai client (the [test] extra) is not installed")
+httpx = pytest.importorskip("httpx", reason="httpx (the [test] extra) is not installed")
+
+from PIL import Image  # noqa: E402
+
+from qwen3vl_compile import Pipeline  # noqa: E402
+
+KEY = "test-key"
+START_TIMEOUT = 90
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, bundle, args, log_path: Path):
+        self.port = _free_port()
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        cmd = [sys.executable, "-m", "qwen3vl_compile.serve.cli", str(bundle), "--port", str(self.port),
+               "--threads", "1", "--log-level", "warning", *map(str, args)]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited with {self.proc.returncode}: {self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"the server did not answer /health within {START_TIMEOUT}s: {self.log()}")
+            time.sleep(0.2)
+
+    def client(self, key=KEY, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    _png(224, 224, seed=5, path=d / "inside.png")
+    outside = tmp_path_factory.mktemp("outside")
+    _png(224, 224, seed=6, path=outside / "secret.png")
+    (d / "link.png").symlink_to(outside / "secret.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(vision_bundle, media_dir, tmp_path_factory):
+    """The main server: 4 slots, an API key, images from ``media_dir``."""
+    srv = ServerProcess(vision_bundle, ["--max-batch", 4, "--max-waiting", 8, "--api-key", KEY,
+                                       "--allowed-media-dir", media_dir],
+                        tmp_path_factory.mktemp("log") / "server.log")
+    try:
+        yield srv
+    finally:
+        rc = srv.stop()
+        log = srv.log()
+        assert "Traceback" not in log, log
+        assert rc == 0, log
+
+
+@pytest.fixture(scope="module")
+def small_server(vision_bundle, tmp_path_factory):
+    """One slot, nobody may wait, a 64 KiB body and 16 KiB images: the limits."""
+    srv = ServerProcess(vision_bundle, ["--max-batch", 1, "--max-waiting", 0, "--max-body-mb", 1 / 16,
+                                        "--max-image-mb", 1 / 64],
+                        tmp_path_factory.mktemp("log") / "small.log")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        log = srv.log()
+        assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def pipe(vision_bundle):
+    with Pipeline.load(vision_bundle, max_batch=1) as p:
+        yield p
+
+
+def _png(w, h, seed=0, path=None, fmt="PNG") -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    if path is not None:
+        Path(path).write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def _data_url(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _user(text, *urls) -> dict:
+    return {"role": "user", "content": [*map(_image_part, urls), {"type": "text", "text": text}]}
+
+
+def _ask(client, messages, max_tokens=12, **kw):
+    return client.chat.completions.create(model="tiny-random", messages=messages, max_tokens=max_tokens,
+                                          temperature=0, **kw)
+
+
+IMG_A = _data_url(_png(224, 224, seed=1))
+IMG_B = _data_url(_png(256, 256, seed=2, fmt="JPEG"), "image/jpeg")
+IMG_W = _data_url(_png(224, 224, seed=3, fmt="WEBP"), "image/webp")
+
+
+# -- completions ----------------------------------------------------------------------------------
+
+def test_models_and_health(server):
+    models = server.client().models.list().data
+    assert [m.id for m in models] == ["tiny-random"]
+    assert models[0].model_extra["context_length"] == 8192
+    assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_plain_and_streamed_completion_agree(server):
+    client = server.client()
+    messages = [_user("Describe this image", IMG_A)]
+    plain = _ask(client, messages)
+    choice = plain.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == "length" and plain.usage.completion_tokens == 12
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + 12
+    chunks = list(_ask(client, messages, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def _pipeline_messages(messages):
+    """The same conversation for ``Pipeline.submit(messages=...)``: data URLs as PIL images."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if not isinstance(content, str):
+            content = [{"type": "image", "image": Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",")[1])))}
+                       if p["type"] == "image_url" else p for p in content]
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def test_greedy_text_equals_pipeline_multi_turn_two_images_text_only(server, pipe):
+    """Multi-turn with an image in the first turn (the follow-up repeats it: its vision features
+    come from the cache), two images in one turn, text only, a system prompt: the server's
+    greedy text is Pipeline's for the same messages."""
+    client = server.client()
+    first = [{"role": "system", "content": "You are terse."}, _user("What is in this image?", IMG_A)]
+    answer = _ask(client, first).choices[0].message.content
+    hits = server.metrics().get("qwen3vl_vision_cache_hits_total", 0)
+    cases = [
+        first,
+        [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And its colours?"}],
+        [_user("Compare these", IMG_A, IMG_B)],
+        [_user("Which is brighter?", IMG_W)],
+        [{"role": "user", "content": "Hello there"}],
+    ]
+    for messages in cases:
+        got = _ask(client, messages)
+        want = pipe.submit(messages=_pipeline_messages(messages), max_new_tokens=12).wait()
+        assert got.choices[0].message.content == want.text
+        assert got.usage.prompt_tokens == want.prompt_tokens
+    assert server.metrics()["qwen3vl_vision_cache_hits_total"] >= hits + 2  # the follow-up and IMG_A again
+
+
+def test_same_answer_alone_and_among_four_concurrent(server):
+    client = server.client()
+    requests = [[_user(f"Question {i}: what do you see?", IMG_A if i % 2 else IMG_B)] if i < 2
+                else [{"role": "user", "content": f"Tell me about number {i}"}] for i in range(4)]
+    alone = [_ask(client, m, max_tokens=10 + i).choices[0].message.content for i, m in enumerate(requests)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(lambda i, m: _ask(client, m, max_tokens=10 + i, stream=i % 2 == 1), i, m)
+                   for i, m in enumerate(requests)]
+        together = []
+        for i, f in enumerate(futures):
+            r = f.result(timeout=120)
+            together.append("".join(c.choices[0].delta.content or "" for c in r) if i % 2 else r.choices[0].message.content)
+    assert together == alone
+
+
+def test_sampling_fields_and_stop_strings(server):
+    client = server.client()
+    messages = [{"role": "user", "content": "Count"}]
+    full = _ask(client, messages, max_tokens=16).choices[0].message.content
+    stop = full[len(full) // 2: len(full) // 2 + 6]
+    cut = full[: full.index(stop)]
+    got = _ask(client, messages, max_tokens=16, stop=[stop, "never-seen"])
+    assert (got.choices[0].message.content, got.choices[0].finish_reason) == (cut, "stop")
+    streamed = list(_ask(client, messages, max_tokens=16, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    # Seeded sampling repeats itself; top_k (an extension) goes through extra_body.
+    kw = dict(temperature=0.9, top_p=0.9, seed=7, extra_body={"top_k": 50}, max_completion_tokens=10)
+    a = client.chat.completions.create(model="tiny-random", messages=messages, **kw)
+    b = client.chat.completions.create(model="tiny-random", messages=messages, **kw)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_local_paths_inside_the_allowed_dir(server, media_dir):
+    client = server.client()
+    for url in ["inside.png", str(media_dir / "inside.png"), (media_dir / "inside.png").as_uri()]:
+        assert _ask(client, [_user("What is this?", url)], max_tokens=4).choices[0].finish_reason == "length"
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+def _raw(server, body, key=KEY, path="/v1/chat/completions"):
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + path, content=data, headers=headers, timeout=60)
+
+
+def _good(server):
+    r = _raw(server, {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
+def _assert_error(response, status, match, code=None):
+    assert response.status_code == status, response.text
+    err = response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert re.search(match, err["message"]), err
+    assert "Traceback" not in response.text
+    if code is not None:
+        assert err["code"] == code, err
+
+
+def _body(*messages, **kw):
+    return {"model": "tiny-random", "messages": list(messages), "max_tokens": 3, **kw}
+
+
+def test_client_mistakes_get_their_status_and_the_server_keeps_serving(server, media_dir):
+    truncated = _png(224, 224, seed=9)
+    cases = [
+        (b'{"messages": [', 400, "not valid JSON", "invalid_json"),
+        (b"\xff\xfe not json", 400, "not valid JSON", None),
+        ([1, 2], 400, "JSON object", None),
+        (_body({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}), 400, "not supported",
+         "unsupported_content_type"),
+        (_body({"role": "tool", "content": "x"}), 400, "role", None),
+        (_body({"role": "user", "content": [_image_part("data:image/png;base64,@@@")]}), 400, "base64", None),
+        (_body({"role": "user", "content": [_image_part(_data_url(b"GIF89a not an image"))]}), 400,
+         "PNG, JPEG or WebP", "invalid_image"),
+        (_body({"role": "user", "content": [_image_part(_data_url(truncated[: len(truncated) // 2]))]}), 400,
+         "cannot be decoded", "invalid_image"),
+        (_body({"role": "user", "content": [_image_part(_data_url(_png(8, 8)))]}), 400, "smaller than one", None),
+        (_body({"role": "user", "content": "hi"}, n=2), 400, "n must be 1", None),
+        (_body({"role": "user", "content": "hi"}, temperature=-1), 400, "temperature", None),
+        (_body({"role": "user", "content": "hi"}, max_tokens=0), 400, "max_tokens", None),
+        (_body({"role": "user", "content": [_image_part("../outside/secret.png")]}), 400, "outside", "path_not_allowed"),
+        (_body({"role": "user", "content": [_image_part("link.png")]}), 400, "outside", "path_not_allowed"),
+        (_body({"role": "user", "content": [_image_part("/etc/passwd")]}), 400, "outside", "path_not_allowed"),
+        (_body({"role": "user", "content": [_image_part("http://127.0.0.1:9/cat.png")]}), 400, "allow-url-fetch", None),
+        (_body({"role": "user", "content": "hi"}, model="gpt-4o"), 404, "does not exist", "model_not_found"),
+    ]
+    for body, status, match, code in cases:
+        _assert_error(_raw(server, body), status, match, code)
+        _good(server)
+    _assert_error(_raw(server, _body({"role": "user", "content": "hi"}), key=None), 401, "API key", "invalid_api_key")
+    _assert_error(_raw(server, _body({"role": "user", "content": "hi"}), key="wrong"), 401, "API key")
+    _good(server)
+    with pytest.raises(openai.AuthenticationError):
+        _ask(server.client(key="wrong"), [{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        _ask(server.client(), [{"role": "user", "content": "hi"}], n=3)
+    _good(server)
+    r = httpx.get(server.url + "/no/such/path", timeout=10)
+    _assert_error(r, 404, "Not Found")
+
+
+def test_prompt_over_the_context_is_refused_before_vision_work(server):
+    before = server.metrics()
+    long_text = "word " * 9000
+    r = _raw(server, _body(_user(long_text, IMG_B)))
+    _assert_error(r, 400, r"context is 8192 tokens; the messages take \d+ tokens", "context_length_exceeded")
+    after = server.metrics()
+    assert after.get("qwen3vl_vision_cache_misses_total", 0) == before.get("qwen3vl_vision_cache_misses_total", 0)
+    assert after.get("qwen3vl_vision_cache_hits_total", 0) == before.get("qwen3vl_vision_cache_hits_total", 0)
+    _good(server)
+
+
+def test_limits_queue_and_disconnect(small_server):
+    """413 for a body and an image over the limits; 429 while the one slot is busy and nobody
+    may wait; a client that disconnects mid-stream cancels its sequence and frees the slot."""
+    srv = small_server
+    _assert_error(_raw(srv, _body({"role": "user", "content": "x" * 70_000})), 413, "over the limit", "body_too_large")
+    _good(srv)
+    big = _data_url(_png(96, 96, seed=4))  # 27 KB of noise: over 16 KiB, under the 64 KiB body
+    _assert_error(_raw(srv, _body(_user("hi", big))), 413, "over the limit", "image_too_large")
+    _good(srv)
+    before = srv.metrics()
+    client = srv.client()
+    stream = _ask(client, [{"role": "user", "content": "go on forever"}], max_tokens=4000, stream=True)
+    it = iter(stream)
+    next(it), next(it), next(it)  # decoding: the only slot is busy
+    _assert_error(_raw(srv, _body({"role": "user", "content": "hi"})), 429, "busy", "queue_full")
+    with pytest.raises(openai.RateLimitError):
+        _ask(client, [{"role": "user", "content": "hi"}])
+    stream.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 30
+    while (m := srv.metrics())["qwen3vl_active_sequences"] != 0 or \
+            m["qwen3vl_cancelled_requests_total"] < before["qwen3vl_cancelled_requests_total"] + 1:
+        assert time.monotonic() < deadline, m
+        time.sleep(0.1)
+    assert m["qwen3vl_generated_tokens_total"] - before["qwen3vl_generated_tokens_total"] < 4000
+    _good(srv)
+    statuses = {k for k in m if k.startswith("qwen3vl_requests_total")}
+    assert any('status="429"' in k for k in statuses) and any('status="413"' in k for k in statuses)
+    assert m["qwen3vl_time_to_first_token_seconds_count"] >= 1
+
+
+def test_sigterm_finishes_the_request_in_flight(vision_bundle, tmp_path):
+    srv = ServerProcess(vision_bundle, ["--max-batch", 2, "--shutdown-timeout", 60], tmp_path / "term.log")
+    try:
+        client = srv.client()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(_ask, client, [{"role": "user", "content": "a long answer"}], 300)
+            deadline = time.monotonic() + 30
+            while srv.metrics()["qwen3vl_active_sequences"] < 1:
+                assert time.monotonic() < deadline and not future.done()
+                time.sleep(0.05)
+            srv.proc.send_signal(signal.SIGTERM)
+            result = future.result(timeout=120)
+        assert result.usage.completion_tokens == 300 and result.choices[0].finish_reason == "length"
+        assert srv.proc.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(srv.url + "/health", timeout=5)
+    finally:
+        srv.stop()
+    log = srv.log()
+    assert "Traceback" not in log and "stopped" in log, log
+
+
+def test_missing_extra_is_one_line(monkeypatch, capsys, vision_bundle):
+    from qwen3vl_compile.serve import cli
+
+    def missing():
+        raise cli.ServeError(cli.EXTRA_HINT)
+
+    monkeypatch.setattr(cli, "_import_stack", missing)
+    assert cli.main([str(vision_bundle), "--port", "0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "qwen3vl-serve: error: [serve] " + cli.EXTRA_HINT
+
+
+def test_stop_matcher_holds_back_a_possible_stop():
+    from qwen3vl_compile.serve.protocol import StopMatcher
+
+    m = StopMatcher(["END", "xyz"])
+    out = [m.push(p) for p in ["ab", "cE", "N", "Dtail"]]
+    assert "".join(out) == "abc" and m.stopped and m.flush() == ""
+    m = StopMatcher(["END"])
+    assert "".join(m.push(p) for p in ["abE", "Nx"]) + m.flush() == "abENx" and not m.stopped
+    assert StopMatcher([]).push("anything") == "anything"
+
