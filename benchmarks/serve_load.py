@@ -57,16 +57,20 @@ class Server:
     """``qwen3vl-serve BUNDLE`` as a child process on a free loopback port; a context manager
     that always stops it (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, bundle, args, log_path: Path, start_timeout: float = 90, api_key: str = "load-key"):
+    def __init__(self, bundle, args, log_path: Path, start_timeout: float = 90, api_key: str | None = "load-key",
+                 client_timeout: float = CALL_TIMEOUT):
+        """``api_key`` None: the server takes any key (no ``--api-key``); ``client_timeout``
+        bounds every call of :meth:`client`'s clients."""
         import httpx
 
         self.api_key = api_key
+        self.client_timeout = client_timeout
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "wb")
         cmd = [sys.executable, "-m", "qwen3vl_compile.serve.cli", str(bundle), "--host", "127.0.0.1",
-               "--port", str(self.port), "--api-key", api_key, *map(str, args)]
+               "--port", str(self.port), *(["--api-key", api_key] if api_key else []), *map(str, args)]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + start_timeout
         while True:
@@ -89,10 +93,12 @@ class Server:
     def __exit__(self, *exc):
         self.stop()
 
-    def client(self):
+    def client(self, key: str | None = None):
+        """An ``openai`` client of this server, with the server's key unless ``key`` is given."""
         import openai
 
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key, max_retries=0, timeout=CALL_TIMEOUT)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or self.api_key or "unused", max_retries=0,
+                             timeout=self.client_timeout)
 
     def model(self) -> str:
         return self.client().models.list().data[0].id

@@ -15,8 +15,6 @@ import io
 import json
 import re
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,62 +36,14 @@ START_TIMEOUT = 90
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import serve_load  # noqa: E402  (the one launcher of a real server process, shared with the load run)
 
 
-class ServerProcess:
-    def __init__(self, bundle, args, log_path: Path):
-        self.port = _free_port()
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        cmd = [sys.executable, "-m", "qwen3vl_compile.serve.cli", str(bundle), "--port", str(self.port),
-               "--threads", "1", "--log-level", "warning", *map(str, args)]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited with {self.proc.returncode}: {self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"the server did not answer /health within {START_TIMEOUT}s: {self.log()}")
-            time.sleep(0.2)
-
-    def client(self, key=KEY, **kw):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
+def ServerProcess(bundle, args, log_path: Path, api_key: str | None = None) -> "serve_load.Server":
+    """``qwen3vl-serve`` on a free loopback port, one thread, quiet logs; bounded start."""
+    return serve_load.Server(bundle, ["--threads", 1, "--log-level", "warning", *args], log_path,
+                             start_timeout=START_TIMEOUT, api_key=api_key, client_timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +59,8 @@ def media_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(vision_bundle, media_dir, tmp_path_factory):
     """The main server: 4 slots, an API key, images from ``media_dir``."""
-    srv = ServerProcess(vision_bundle, ["--max-batch", 4, "--max-waiting", 8, "--api-key", KEY,
-                                       "--allowed-media-dir", media_dir],
-                        tmp_path_factory.mktemp("log") / "server.log")
+    srv = ServerProcess(vision_bundle, ["--max-batch", 4, "--max-waiting", 8, "--allowed-media-dir", media_dir],
+                        tmp_path_factory.mktemp("log") / "server.log", api_key=KEY)
     try:
         yield srv
     finally:
