@@ -151,7 +151,7 @@ def test_a_failing_row_fails_only_its_request(text_bundle, alone, monkeypatch):
 def test_pool_that_does_not_fit_is_refused_before_allocation(text_bundle, monkeypatch):
     monkeypatch.setattr(engine_mod, "available_memory", lambda: 64 * 1024**2)
     allocated = []
-    monkeypatch.setattr(engine_mod.DecoderPool, "__init__", lambda *a, **k: allocated.append(1))
+    monkeypatch.setattr(engine_mod.DecoderPool, "_allocate", lambda *a, **k: allocated.append(1))
     with pytest.raises(RuntimeInputError, match=r"^\[engine\] the KV pool of 64 slot\(s\) x 8192 tokens needs .* GiB, "
                                                  r"more than 80% of the 0.06 GiB available: lower max_batch or max_length$"):
         Pipeline.load(text_bundle, max_batch=64)

@@ -41,7 +41,9 @@ class DecoderPool:
     """The decoder graph and a KV pool of ``max_batch`` slots of ``max_length`` tokens."""
 
     def __init__(self, path, *, max_batch: int = 1, max_length: int | None = None, threads: int = 0, session=None,
-                 head_dim: int | None = None, packed_levels: int = 0):
+                 head_dim: int | None = None, packed_levels: int = 0, before_allocate=None):
+        """``before_allocate(pool)``: called once the graph's interface and the pool's size
+        (:attr:`nbytes`) are known and before any buffer is allocated (it may refuse)."""
         import onnxruntime as ort
 
         if session is None:
@@ -74,10 +76,16 @@ class DecoderPool:
         self.context_length = int(meta[META_PREFIX + "context_length"]) if META_PREFIX + "context_length" in meta else None
         self.max_length = int(max_length or self.context_length or DEFAULT_MAX_LENGTH)
         self.max_batch = int(max_batch)
-        shape = (self.max_batch, self.kv_heads, self.max_length, self.head_dim)
-        # np.zeros maps untouched pages lazily: resident memory follows the tokens cached.
-        self.cache = [[np.zeros(shape, np.float32) for _ in range(2)] for _ in range(self.num_layers)]
+        if before_allocate is not None:
+            before_allocate(self)
+        self.cache = self._allocate()
         self._bindings: dict[tuple[int, int], object] = {}
+
+    def _allocate(self) -> list[list[np.ndarray]]:
+        """K and V buffers per layer. np.zeros maps untouched pages lazily: resident memory
+        follows the tokens cached."""
+        shape = (self.max_batch, self.kv_heads, self.max_length, self.head_dim)
+        return [[np.zeros(shape, np.float32) for _ in range(2)] for _ in range(self.num_layers)]
 
     @staticmethod
     def pool_bytes(num_layers: int, kv_heads: int, head_dim: int, max_batch: int, max_length: int) -> int:

@@ -109,9 +109,8 @@ class Engine:
         self.max_batch = options.max_batch
         self.embedding = self.session(files.path(graphs["embedding"].file))
         decoder_file = files.path(graphs["decoder"].file)
-        session = self.session(decoder_file)
-        self._check_pool(session)
-        self.pool = DecoderPool(decoder_file, max_batch=self.max_batch, max_length=max_length, session=session)
+        self.pool = DecoderPool(decoder_file, max_batch=self.max_batch, max_length=max_length,
+                                session=self.session(decoder_file), before_allocate=self._check_pool)
         self.vision = VisionEncoder(files, manifest, self.session, on_miss=options.on_miss,
                                     cache_bytes=int(options.vision_cache_mb) * 2**20)
         self._no_images = (np.zeros((0, self.hidden), np.float32), np.zeros((self.levels, 0, self.hidden), np.float32))
@@ -124,20 +123,15 @@ class Engine:
             raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({first}); the file is damaged: "
                               "run `qwen3vl-compile verify` on the bundle") from None
 
-    def _check_pool(self, session) -> None:
-        """Print the pool's size; refuse one that does not fit, before allocating it."""
-        inputs = {i.name: i for i in session.get_inputs()}
-        key = inputs.get("past_key_values.0.key")
-        if key is None or not all(isinstance(d, int) for d in key.shape[1:2] + key.shape[3:4]):
-            return  # DecoderPool names what is wrong with the graph
-        layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
-        need = DecoderPool.pool_bytes(layers, int(key.shape[1]), int(key.shape[3]), self.max_batch, self.max_length)
-        self.pool_description = (f"KV pool: {self.max_batch} slot(s) x {self.max_length} tokens x {layers} layers "
-                                 f"({key.shape[1]} KV heads of {key.shape[3]}), {need / GIB:.2f} GiB float32")
+    def _check_pool(self, pool: DecoderPool) -> None:
+        """Print the pool's size; refuse one that does not fit, before it is allocated."""
+        need = pool.nbytes
+        self.pool_description = (f"KV pool: {pool.max_batch} slot(s) x {pool.max_length} tokens x {pool.num_layers} layers "
+                                 f"({pool.kv_heads} KV heads of {pool.head_dim}), {need / GIB:.2f} GiB float32")
         have = available_memory()
         if have is not None and need > POOL_MEMORY_SHARE * have:
             raise RuntimeInputError(
-                f"the KV pool of {self.max_batch} slot(s) x {self.max_length} tokens needs {need / GIB:.2f} GiB, more than "
+                f"the KV pool of {pool.max_batch} slot(s) x {pool.max_length} tokens needs {need / GIB:.2f} GiB, more than "
                 f"{POOL_MEMORY_SHARE:.0%} of the {have / GIB:.2f} GiB available: lower max_batch or max_length",
                 stage="engine")
         self._log(self.pool_description)
