@@ -233,10 +233,14 @@ class Pipeline:
         images = list(images)
         # From the image headers first: an image too big for the context is refused before
         # its pixels are decoded (a 13000x13000 PNG is 500 MB of them).
-        self._check_context(self.chat.encode_messages(conversation, [self._header_tokens(i) for i in images]))
-        processed, image_info, timings = self._preprocess_images(images)
-        input_ids = self.chat.encode_messages(conversation, [p.num_tokens for p in processed])
+        header_counts = [self._header_tokens(i) for i in images]
+        input_ids = self.chat.encode_messages(conversation, header_counts)
         self._check_context(input_ids)
+        processed, image_info, timings = self._preprocess_images(images)
+        counts = [p.num_tokens for p in processed]
+        if counts != header_counts:  # "fit" counted the smaller orientation's bucket
+            input_ids = self.chat.encode_messages(conversation, counts)
+            self._check_context(input_ids)
         encoded = self._encode_images(processed, image_info, timings)
         n_pads = int((input_ids == self.image_token_id).sum())
         n_rows = sum(r.image_features.shape[0] for _, r in encoded)
