@@ -292,6 +292,123 @@ def test_client_mistakes_get_their_status_and_the_server_keeps_serving(server, m
     _assert_error(r, 404, "Not Found")
 
 
+class _ImageHost:
+    """A loopback HTTP server in a thread that plays the remote image hosts ``--allow-url-fetch``
+    meets: a good PNG, one over the size limit with and without Content-Length, one that drips
+    its bytes past the timeout, a redirect to a file: URL, a 404, a page that is not an image."""
+
+    def __init__(self, png: bytes, big: bytes):
+        import http.server
+        import threading
+
+        host = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                host.paths.append(self.path)
+                if self.path == "/cat.png":
+                    self._send(200, png)
+                elif self.path == "/big.png":
+                    self._send(200, big)
+                elif self.path == "/big-chunked.png":
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for i in range(0, len(big), 4096):
+                        part = big[i:i + 4096]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                    self.wfile.write(b"0\r\n\r\n")
+                elif self.path == "/slow.png":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(png)))
+                    self.end_headers()
+                    for i in range(len(png)):  # one byte per 0.2 s: far past the 2 s deadline
+                        if host.stop.wait(0.2):
+                            return
+                        try:
+                            self.wfile.write(png[i:i + 1])
+                            self.wfile.flush()
+                        except OSError:  # the server gave up on us: as intended
+                            return
+                elif self.path == "/to-file":
+                    self.send_response(302)
+                    self.send_header("Location", "file:///etc/passwd")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif self.path == "/page.html":
+                    self._send(200, b"<html>not an image</html>", "text/html")
+                else:
+                    self._send(404, b"no such image", "text/plain")
+
+            def _send(self, status, body, kind="image/png"):
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.paths: list[str] = []
+        self.stop = threading.Event()
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_url_fetch_only_when_allowed_within_its_limits(vision_bundle, server, tmp_path):
+    png, big = _png(224, 224, seed=1), _png(320, 320, seed=3)  # IMG_A's bytes; big: over the 0.2 MiB limit
+    assert len(big) > 0.2 * 2**20 >= len(png), (len(big), len(png))
+    host = _ImageHost(png, big)
+    srv = ServerProcess(vision_bundle, ["--allow-url-fetch", "--url-timeout", 2, "--max-image-mb", 0.2],
+                        tmp_path / "fetch.log")
+    try:
+        # not fetched by the server started without --allow-url-fetch: nothing reaches the host
+        _assert_error(_raw(server, _body(_user("hi", host.url + "/cat.png"))), 400, "allow-url-fetch")
+        assert host.paths == []
+        # fetched: the same answer as the same bytes sent as a data: URL
+        fetched = _ask(srv.client(), [_user("What is this?", host.url + "/cat.png")])
+        inline = _ask(server.client(), [_user("What is this?", IMG_A)])
+        assert fetched.choices[0].message.content == inline.choices[0].message.content
+        assert host.paths == ["/cat.png"]
+        cases = [
+            ("/big.png", 413, "over the limit", "image_too_large"),
+            ("/big-chunked.png", 413, "over the limit", "image_too_large"),
+            ("/missing.png", 400, "HTTP 404", None),
+            ("/to-file", 400, "(?i)redirect", None),
+            ("/page.html", 400, "PNG, JPEG or WebP", "invalid_image"),
+        ]
+        for path, status, match, code in cases:
+            _assert_error(_raw(srv, _body(_user("hi", host.url + path)), key=None), status, match, code)
+            _good_on(srv)
+        t0 = time.monotonic()
+        _assert_error(_raw(srv, _body(_user("hi", host.url + "/slow.png")), key=None), 400, "within 2 s")
+        assert time.monotonic() - t0 < 10  # cut off at the deadline, not after the whole drip
+        _assert_error(_raw(srv, _body(_user("hi", "http://127.0.0.1:9/cat.png")), key=None), 400, "could not fetch")
+        _good_on(srv)
+    finally:
+        host.close()
+        rc = srv.stop()
+    log = srv.log()
+    assert "Traceback" not in log, log
+    assert rc == 0, log
+
+
+def _good_on(srv):
+    r = _raw(srv, {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}, key=None)
+    assert r.status_code == 200, r.text
+
+
 def test_prompt_over_the_context_is_refused_before_vision_work(server):
     before = server.metrics()
     long_text = "word " * 9000

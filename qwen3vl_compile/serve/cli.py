@@ -44,6 +44,8 @@ def _parser():
     p.add_argument("--allowed-media-dir", default=None,
                    help="serve image paths (and file:// URLs) inside this directory; off by default")
     p.add_argument("--allow-url-fetch", action="store_true", help="fetch http(s) image URLs (off by default)")
+    p.add_argument("--url-timeout", type=float, default=10.0,
+                   help="with --allow-url-fetch: seconds to connect, and to read an image's body (default 10)")
     p.add_argument("--max-image-mb", type=float, default=20.0, help="largest image file, in MiB (default 20)")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, in MiB (default 32)")
     p.add_argument("--vision-cache-mb", type=int, default=256,
@@ -78,7 +80,7 @@ def _import_stack():
 def _check(args) -> None:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
-    for name in ("max_image_mb", "max_body_mb", "shutdown_timeout"):
+    for name in ("max_image_mb", "max_body_mb", "shutdown_timeout", "url_timeout"):
         if not getattr(args, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.max_waiting < 0 or args.prepare_workers < 1:
@@ -131,6 +133,7 @@ def _run(argv) -> int:
     options = ServeOptions(
         model_name=name, api_key=args.api_key,
         media=MediaPolicy(allowed_dir=media_dir, allow_url_fetch=args.allow_url_fetch,
+                          url_timeout_s=args.url_timeout,
                           max_image_bytes=int(args.max_image_mb * 2**20)),
         max_body_bytes=int(args.max_body_mb * 2**20), max_waiting=args.max_waiting,
         prepare_workers=args.prepare_workers, shutdown_timeout=args.shutdown_timeout,

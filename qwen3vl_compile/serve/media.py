@@ -11,6 +11,8 @@ import binascii
 import dataclasses
 import io
 import os
+import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
@@ -19,6 +21,8 @@ from pathlib import Path
 from .errors import ApiError, bad_request
 
 FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_REDIRECTS = 3
+FETCH_CHUNK = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,25 +97,67 @@ def _local_file(url: str, param: str, policy: MediaPolicy) -> bytes:
         raise bad_request(f"image path {raw!r} cannot be read ({e.strerror or e})", param) from None
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow at most :data:`MAX_REDIRECTS` redirects, and only to http(s) URLs (urllib's own
+    handler would also follow one to ftp:)."""
+
+    max_redirections = MAX_REDIRECTS
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlparse(newurl).scheme not in ("http", "https"):
+            raise urllib.error.URLError(f"redirected to a non-http(s) URL ({newurl.split(':')[0]}:)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
 def _fetch(url: str, param: str, policy: MediaPolicy) -> bytes:
+    """The bytes at an http(s) URL: connecting and each redirect bounded by ``url_timeout_s``,
+    the body read within ``url_timeout_s`` in total (a server that drips bytes is cut off) and
+    within ``max_image_bytes`` (refused from Content-Length when the server sends one, else
+    while reading). Runs in a preparing thread, never in the event loop."""
     if not policy.allow_url_fetch:
         raise bad_request("http(s) image URLs are not fetched (start the server with --allow-url-fetch); "
                           "send the image as a data: URL", param)
-    limit = policy.max_image_bytes
+    limit, deadline = policy.max_image_bytes, time.monotonic() + policy.url_timeout_s
+    chunks, size = [], 0
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "qwen3vl-serve"}),
-                                    timeout=policy.url_timeout_s) as response:
+        request = urllib.request.Request(url, headers={"User-Agent": "qwen3vl-serve"})
+        with _OPENER.open(request, timeout=policy.url_timeout_s) as response:
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > limit:
                 raise _too_big("the image at the URL", int(length), limit, param)
-            data = response.read(limit + 1)
+            while size <= limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                _set_read_timeout(response, left)
+                chunk = response.read1(min(FETCH_CHUNK, limit + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
     except ApiError:
         raise
-    except Exception as e:  # URLError, HTTPError, timeouts, bad URLs
-        raise bad_request(f"could not fetch the image URL ({type(e).__name__}: {e})", param) from None
-    if len(data) > limit:
-        raise _too_big("the image at the URL", len(data), limit, param)
-    return data
+    except urllib.error.HTTPError as e:
+        raise bad_request(f"could not fetch the image URL (HTTP {e.code} {e.reason})", param) from None
+    except TimeoutError:  # socket.timeout: connecting, or the body past the deadline
+        raise bad_request(f"could not fetch the image URL (no answer within {policy.url_timeout_s:g} s)",
+                          param) from None
+    except Exception as e:  # URLError, timeouts, bad URLs, refused connections
+        reason = getattr(e, "reason", None) or e
+        raise bad_request(f"could not fetch the image URL ({type(e).__name__}: {reason})", param) from None
+    if size > limit:
+        raise _too_big("the image at the URL", size, limit, param)
+    return b"".join(chunks)
+
+
+def _set_read_timeout(response, seconds: float) -> None:
+    """Bound the next socket read by what is left of the fetch's deadline."""
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    if sock is not None:
+        sock.settimeout(max(seconds, 0.001))
 
 
 def open_image(data: bytes, param: str, policy: MediaPolicy):
