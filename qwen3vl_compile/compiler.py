@@ -41,6 +41,7 @@ ASSET_FILES = (
     "config.json",
     "generation_config.json",
     "preprocessor_config.json",
+    "video_preprocessor_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",

@@ -102,6 +102,11 @@ class Checkpoint:
         if not pre_file.is_file():
             raise LoadError(f"{path}: no preprocessor_config.json (the image processor settings are needed)")
         preprocessor = read_json_object(pre_file, LoadError)
+        video_file = path / "video_preprocessor_config.json"
+        if video_file.is_file():  # copied into the bundle: refuse bad values now, not at run time
+            from ..runtime.video import VideoProcessorConfig
+
+            VideoProcessorConfig.from_dict(read_json_object(video_file, LoadError))
         ck = cls(path=path, config=config, preprocessor=preprocessor)
         ck._check_weights_present()
         from .support import check_text_weights, check_vision_weights

@@ -38,6 +38,19 @@ PREPROCESSOR_CONFIG = {
     "merge_size": 2,
     "size": {"shortest_edge": 65536, "longest_edge": 16777216},
 }
+# video_preprocessor_config.json as the published Qwen3-VL Instruct checkpoints ship it: the
+# pixel bounds count all sampled frames together; fps and the frame bounds are the video
+# processor's defaults (2 per second, 4 to 768 frames).
+VIDEO_PREPROCESSOR_CONFIG = {
+    "video_processor_type": "Qwen3VLVideoProcessor",
+    "processor_class": "Qwen3VLProcessor",
+    "size": {"shortest_edge": 4096, "longest_edge": 25165824},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
 
 GENERATION_CONFIG = {
     "bos_token_id": SPECIAL_TOKENS["<|endoftext|>"],
@@ -72,6 +85,7 @@ def materialize_preset(name: str, cache_dir: Path | None = None, *, seed: int = 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache_dir / f"{name.replace(':', '-L')}-{_key(name, seed)}"
     if (target / "config.json").is_file():
+        _add_video_config(target)
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_dir))
@@ -89,6 +103,7 @@ def materialize_preset(name: str, cache_dir: Path | None = None, *, seed: int = 
             _write_random_large(tmp, name, seed)
         write_tokenizer_files(tmp)
         (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+        (tmp / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR_CONFIG, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
         try:
             os.rename(tmp, target)
@@ -99,6 +114,17 @@ def materialize_preset(name: str, cache_dir: Path | None = None, *, seed: int = 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _add_video_config(target: Path) -> None:
+    """A preset cached before presets carried a video processor config gets one (written to
+    a temporary name and renamed: never half-written)."""
+    path = target / "video_preprocessor_config.json"
+    if path.is_file():
+        return
+    tmp = target / f".video_preprocessor_config.json.{os.getpid()}"
+    tmp.write_text(json.dumps(VIDEO_PREPROCESSOR_CONFIG, indent=2))
+    os.replace(tmp, path)
 
 
 def write_tokenizer_files(out: Path) -> None:
@@ -187,6 +213,7 @@ def write_checkpoint(out: Path, model, *, dtype=None, max_shard_size: str | int 
     model.save_pretrained(out, safe_serialization=True, **kwargs)
     write_tokenizer_files(out)
     (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+    (out / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR_CONFIG, indent=2))
     (out / "generation_config.json").write_text(json.dumps(generation or GENERATION_CONFIG, indent=2))
     return out
 

@@ -134,20 +134,26 @@ def _environment():
     return env
 
 
-def build_messages(prompt: str, num_images: int, system: str | None = None) -> list[dict]:
-    """``[system?, user: [image x num_images, text]]``, the images before the text."""
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+def build_messages(prompt: str, num_images: int, system: str | None = None, num_videos: int = 0) -> list[dict]:
+    """``[system?, user: [image x num_images, video x num_videos, text]]``, the media before the text."""
+    content = ([{"type": "image"} for _ in range(num_images)] + [{"type": "video"} for _ in range(num_videos)]
+               + [{"type": "text", "text": prompt}])
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
 
 
 ROLES = ("system", "user", "assistant")
 
 
-def template_messages(messages) -> tuple[list, list[dict]]:
+MEDIA = ("image", "video")
+
+
+def template_messages(messages) -> tuple[list[tuple[str, object]], list[dict]]:
     """A conversation ``[{"role": "system" | "user" | "assistant", "content": str | [parts]}]``
-    with parts ``{"type": "text", "text": str}`` and ``{"type": "image", "image": <a path, PIL
-    image or array>}`` -> ``(images in order, the messages as the chat template takes them)``:
-    each image part becomes ``{"type": "image"}``. Anything else is refused, naming where."""
+    with parts ``{"type": "text", "text": str}``, ``{"type": "image", "image": <a path, PIL
+    image or array>}`` and ``{"type": "video", "video": <a path or a Video>}`` -> ``(media in
+    prompt order as (kind, value) pairs, the messages as the chat template takes them)``: each
+    media part becomes ``{"type": "image"}`` / ``{"type": "video"}``. Anything else is refused,
+    naming where."""
     if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, (list, tuple)) or not messages:
         raise RuntimeInputError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, "
                                 f"got {type(messages).__name__ if messages else 'an empty list'}")
@@ -171,14 +177,15 @@ def template_messages(messages) -> tuple[list, list[dict]]:
             if kind == "text" and isinstance(part.get("text"), str):
                 _check_text(part["text"], f"{where}.content[{j}].text")
                 parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image" and "image" in part:
+            elif kind in MEDIA and kind in part:
                 if role != "user":
-                    raise RuntimeInputError(f"{where}.content[{j}]: images belong in user messages, not {role}")
-                images.append(part["image"])
-                parts.append({"type": "image"})
+                    raise RuntimeInputError(f"{where}.content[{j}]: {kind}s belong in user messages, not {role}")
+                images.append((kind, part[kind]))
+                parts.append({"type": kind})
             else:
-                raise RuntimeInputError(f"{where}.content[{j}] must be {{'type': 'text', 'text': str}} or "
-                                        f"{{'type': 'image', 'image': ...}}, got {_short(part)}")
+                raise RuntimeInputError(f"{where}.content[{j}] must be {{'type': 'text', 'text': str}}, "
+                                        f"{{'type': 'image', 'image': ...}} or {{'type': 'video', 'video': ...}}, "
+                                        f"got {_short(part)}")
         out.append({"role": role, "content": parts})
     return images, out
 
@@ -277,19 +284,25 @@ class ChatFormatter:
             check_no_pads(text, f"the {name}")
         return self._tokenize(self.render(build_messages(prompt, len(counts), system)), counts)
 
-    def encode_messages(self, messages: list[dict], image_token_counts: Iterable[int] = ()) -> np.ndarray:
+    def encode_messages(self, messages: list[dict], image_token_counts: Iterable[int] = (), videos: Sequence = ()
+                        ) -> np.ndarray:
         """``input_ids [1, S]`` of a multi-turn conversation in the template's form (see
         :func:`template_messages`: images as ``{"type": "image"}`` parts, in order), each
-        image's pad expanded to its token count, as :meth:`encode` does for one prompt."""
+        image's pad expanded to its token count, as :meth:`encode` does for one prompt, and
+        each video's pad to its timestamped groups (``videos``: its plans or processed videos,
+        see :func:`~.video.expand_video_pads`)."""
         for i, message in enumerate(messages):
             content = message["content"]
             texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
             for text in texts:
                 check_no_pads(text, f"message {i} ({message['role']})")
-        return self._tokenize(self.render(messages), list(image_token_counts))
+        return self._tokenize(self.render(messages), list(image_token_counts), videos)
 
-    def _tokenize(self, rendered: str, counts: list[int]) -> np.ndarray:
-        ids = self.tokenizer.encode(expand_image_pads(rendered, counts), add_special_tokens=False).ids
+    def _tokenize(self, rendered: str, counts: list[int], videos: Sequence = ()) -> np.ndarray:
+        from .video import expand_video_pads
+
+        text = expand_video_pads(expand_image_pads(rendered, counts), videos)
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return np.asarray(ids, dtype=np.int64)[None]
 
     def decode(self, ids: Iterable[int]) -> str:

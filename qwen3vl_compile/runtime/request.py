@@ -34,6 +34,7 @@ class GenerationResult:
     images: list[dict]
     timings: dict[str, float]
     stopped: str  # "stop_token" | "max_new_tokens" | "context" | "cancelled"
+    videos: list[dict] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -51,6 +52,7 @@ class Prepared:
     rope_delta: int
     images: list[dict]
     timings: dict[str, float]
+    videos: list[dict] = dataclasses.field(default_factory=list)
 
 
 # Events a sequence sends to its consumer: ("text", str), ("done", GenerationResult),
@@ -196,6 +198,7 @@ class Sequence:
             images=self.prepared.images,
             timings={k: round(v, 4) for k, v in t.items()},
             stopped=stopped,
+            videos=self.prepared.videos,
         )
         self.next_token = None
         self._finished.set()

@@ -227,6 +227,114 @@ def timestamps(indices, video_fps: float, temporal_patch_size: int = 2) -> list[
     return [(times[g] + times[g + temporal_patch_size - 1]) / 2 for g in range(0, len(times), temporal_patch_size)]
 
 
+# --- inputs and plans -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Video:
+    """A video given to the runtime: ``source`` a file path, a list of frames (PIL images or
+    H x W x 3 uint8 arrays) or a ``T x H x W x 3`` uint8 array; ``fps`` the source's frame
+    rate (required for frames; for a file it replaces the container's rate)."""
+
+    source: object
+    fps: float | None = None
+
+    @classmethod
+    def of(cls, value, where: str = "video") -> "Video":
+        """A path or a :class:`Video`; anything else is refused with what to write instead."""
+        if isinstance(value, Video):
+            return value
+        if isinstance(value, (str, Path)) or hasattr(value, "__fspath__"):
+            return cls(Path(value))
+        raise RuntimeInputError(f"{where}: give a file path or Video(frames, fps=...) "
+                                f"(frames: a list of images or a T x H x W x 3 uint8 array), got {type(value).__name__}")
+
+    def describe(self) -> str:
+        return str(self.source) if isinstance(self.source, Path) else f"in-memory video ({_count(self.source)} frames)"
+
+
+def _count(source) -> int | str:
+    try:
+        return len(source)
+    except TypeError:
+        return "?"
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoPlan:
+    """What a video will become, from its header alone (no frame decoded): the sampled
+    frames, the size every frame is resized to, the grid and the prompt's timestamps."""
+
+    indices: tuple[int, ...]
+    fps: float
+    original: tuple[int, int]  # (height, width) of the source frames
+    resized: tuple[int, int]
+    grid_thw: tuple[int, int, int]
+    timestamps: tuple[float, ...]
+    merge_size: int
+    fitted: bool = False  # resized to a given size (a bucket's), not by smart_resize
+
+    @property
+    def tokens_per_group(self) -> int:
+        _, h, w = self.grid_thw
+        return h * w // self.merge_size**2
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_thw[0] * self.tokens_per_group
+
+
+def plan_video(video: Video, cfg: VideoProcessorConfig, *, size: tuple[int, int] | None = None) -> VideoPlan:
+    """The :class:`VideoPlan` of ``video``: a file's frame count, rate and frame size come from
+    its container (nothing is decoded), in-memory frames' from their shapes. ``size``
+    (height, width) replaces the resize of :func:`smart_resize` (a bucket's size)."""
+    total, rate, height, width = _header(video)
+    video_fps = rate if video.fps is None else _check_fps(video.fps, "video fps")
+    indices = sample_indices(total, video_fps, cfg)
+    return _plan(indices, video_fps, (height, width), cfg, size)
+
+
+def _plan(indices, video_fps: float, original, cfg: VideoProcessorConfig, size) -> VideoPlan:
+    n = len(indices)
+    if size is not None:
+        rh, rw = size
+    elif cfg.do_resize:
+        rh, rw = smart_resize(n, *original, cfg)
+    else:
+        rh, rw = original
+    tp, p = cfg.temporal_patch_size, cfg.patch_size
+    grid = (-(-n // tp), rh // p, rw // p)
+    ts = tuple(timestamps(indices, video_fps, tp))
+    return VideoPlan(tuple(int(i) for i in indices), video_fps, tuple(original), (rh, rw), grid, ts, cfg.merge_size,
+                     fitted=size is not None)
+
+
+def _header(video: Video) -> tuple[int, float, int, int]:
+    """(frames, frame rate, height, width) of a video without decoding it."""
+    source = video.source
+    if isinstance(source, Path):
+        name = f"video {str(source)!r}"
+        _check_file(source, name)
+        av = _import_av(source)
+        try:
+            with av.open(str(source)) as container:
+                stream, rate = _video_stream(container, name)
+                total = stream.frames or _count_packets(container, stream)
+                height, width = stream.codec_context.height, stream.codec_context.width
+        except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+            raise _unreadable(name, e) from None
+        if total == 0:
+            raise RuntimeInputError(f"{name} has no frames")
+        if not height or not width:
+            raise RuntimeInputError(f"{name}: the container gives no frame size")
+        return total, float(rate), height, width
+    frames = _in_memory_frames(source)
+    if video.fps is None:
+        raise RuntimeInputError("in-memory video frames need their frame rate: Video(frames, fps=...)")
+    height, width = _frame_size(frames[0], 0)
+    return len(frames), float(video.fps), height, width
+
+
 # --- loading --------------------------------------------------------------------------
 
 
@@ -252,16 +360,7 @@ def load_video(video, cfg: VideoProcessorConfig | None = None, *, fps: float | N
         fps = _check_fps(fps, "video fps")
     if isinstance(video, (str, Path)):
         return _load_file(Path(video), cfg, fps)
-    if isinstance(video, np.ndarray):
-        if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or 0 in video.shape:
-            raise RuntimeInputError(f"video array of shape {video.shape} and dtype {video.dtype}: expected T x H x W x 3 uint8")
-        frames = list(video)
-    elif isinstance(video, (list, tuple)):
-        frames = list(video)
-        if not frames:
-            raise RuntimeInputError("video frame list is empty")
-    else:
-        raise RuntimeInputError(f"unsupported video type {type(video).__name__}: give a path, a list of frames or a T x H x W x 3 uint8 array")
+    frames = _in_memory_frames(video)
     if fps is None:
         raise RuntimeInputError("in-memory video frames need their frame rate: pass fps=")
     sizes = [_frame_size(f, i) for i, f in enumerate(frames)]
@@ -271,6 +370,19 @@ def load_video(video, cfg: VideoProcessorConfig | None = None, *, fps: float | N
     indices = sample_indices(len(frames), fps, cfg)
     picked = np.stack([_frame_array(frames[i]) for i in indices])
     return VideoClip(picked, fps, indices, len(frames))
+
+
+def _in_memory_frames(video) -> list:
+    """The frames of an in-memory video (a ``T x H x W x 3`` uint8 array or a list), checked."""
+    if isinstance(video, np.ndarray):
+        if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or 0 in video.shape:
+            raise RuntimeInputError(f"video array of shape {video.shape} and dtype {video.dtype}: expected T x H x W x 3 uint8")
+        return list(video)
+    if isinstance(video, (list, tuple)):
+        if not video:
+            raise RuntimeInputError("video frame list is empty")
+        return list(video)
+    raise RuntimeInputError(f"unsupported video type {type(video).__name__}: give a path, a list of frames or a T x H x W x 3 uint8 array")
 
 
 def _check_fps(fps, name: str) -> float:
@@ -302,33 +414,46 @@ def _import_av(path: Path):
     return av
 
 
-def _load_file(path: Path, cfg: VideoProcessorConfig, fps: float | None) -> VideoClip:
-    name = f"video {str(path)!r}"
+def _check_file(path: Path, name: str) -> None:
     if path.is_dir():
         raise RuntimeInputError(f"{name} is a directory; give a video file")
     if not path.is_file():
         raise RuntimeInputError(f"{name}: no such file")
+
+
+def _unreadable(name: str, e: BaseException) -> RuntimeInputError:
+    reason = getattr(e, "strerror", None) or str(e)  # FFmpeg's reason without the path again
+    return RuntimeInputError(f"{name}: cannot be read ({' '.join(str(reason).split())})")
+
+
+def _load_file(path: Path, cfg: VideoProcessorConfig, fps: float | None) -> VideoClip:
+    name = f"video {str(path)!r}"
+    _check_file(path, name)
     av = _import_av(path)
     try:
         with av.open(str(path)) as container:
             return _read(container, name, cfg, fps)
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-        reason = getattr(e, "strerror", None) or str(e)  # FFmpeg's reason without the path again
-        raise RuntimeInputError(f"{name}: cannot be read ({' '.join(str(reason).split())})") from None
+        raise _unreadable(name, e) from None
 
 
-def _read(container, name: str, cfg: VideoProcessorConfig, fps: float | None) -> VideoClip:
+def _video_stream(container, name: str):
+    """The first video stream and its frame rate; a still image or a file without video is refused."""
     fmt = container.format.name
     if fmt == "image2" or fmt.endswith("_pipe"):
         raise RuntimeInputError(f"{name} is a still image ({fmt}), not a video; give it as an image")
     if not container.streams.video:
         raise RuntimeInputError(f"{name} has no video stream")
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
     rate = stream.average_rate or stream.guessed_rate
     if not rate:
         raise RuntimeInputError(f"{name}: the container gives no frame rate")
-    rate = Fraction(rate)
+    return stream, Fraction(rate)
+
+
+def _read(container, name: str, cfg: VideoProcessorConfig, fps: float | None) -> VideoClip:
+    stream, rate = _video_stream(container, name)
+    stream.thread_type = "AUTO"
     total = stream.frames or _count_packets(container, stream)
     if total == 0:
         raise RuntimeInputError(f"{name} has no frames")
@@ -433,12 +558,16 @@ class ProcessedVideo:
         return self.grid_thw[0] * self.tokens_per_group
 
 
-def preprocess_video(video, cfg: VideoProcessorConfig | None = None, *, fps: float | None = None) -> ProcessedVideo:
-    """Full preprocessing of a :class:`VideoClip` or of anything :func:`load_video` takes."""
+def preprocess_video(video, cfg: VideoProcessorConfig | None = None, *, fps: float | None = None,
+                     size: tuple[int, int] | None = None) -> ProcessedVideo:
+    """Full preprocessing of a :class:`VideoClip` or of anything :func:`load_video` takes;
+    ``size`` (height, width, multiples of ``patch * merge``) replaces the smart resize."""
     cfg = cfg or VideoProcessorConfig()
     clip = video if isinstance(video, VideoClip) else load_video(video, cfg, fps=fps)
     t, height, width, _ = clip.frames.shape
-    if cfg.do_resize:
+    if size is not None:
+        rh, rw = size
+    elif cfg.do_resize:
         rh, rw = smart_resize(t, height, width, cfg)
     elif height % cfg.factor or width % cfg.factor or t < cfg.temporal_patch_size:
         raise RuntimeInputError(

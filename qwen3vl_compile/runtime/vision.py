@@ -217,6 +217,22 @@ class VisionEncoder:
         self.cache.put(key, result.image_features, result.deepstack, result.served_by)
         return result
 
+    def encode_video(self, pixel_values: np.ndarray, grid_thw) -> VisionResult:
+        """Features of one video of grid ``(t, h, w)``: each temporal group is encoded as an
+        image of grid ``(1, h, w)`` (see :func:`temporal_groups`), by its bucket, the any-size
+        graph or the fallback, and through the cache (a group seen before is not run again);
+        rows concatenated in group order."""
+        t, h, w = (int(v) for v in grid_thw)
+        n = h * w
+        if pixel_values.shape[0] != t * n:
+            raise RuntimeInputError(f"video pixel_values has {pixel_values.shape[0]} rows but grid {[t, h, w]} "
+                                    f"describes {t * n} patches")
+        parts = [self.encode(pixel_values[i * n:(i + 1) * n], (1, h, w)) for i in range(t)]
+        served = sorted({r.served_by for r in parts})
+        return VisionResult(np.concatenate([r.image_features for r in parts]),
+                            np.concatenate([r.deepstack for r in parts], axis=1),
+                            f"{', '.join(served)} ({t} groups)", sum(r.seconds for r in parts))
+
     def _encode(self, pixel_values: np.ndarray, grid_thw) -> VisionResult:
         import time
 
