@@ -17,10 +17,13 @@ The bundle needs a 448x448 vision bucket (``qwen3vl-compile --model qwen3-vl-4b 
    to the last token, medians over rounds. Ratio = HTTP / engine.
 2. **Second turn about the same image** (streamed, through HTTP): turn 1 asks about a new
    448x448 image (PNG data: URL); turn 2 sends the whole conversation again (the image, the
-   answer, a follow-up question). Time to first token (client side) of each turn, with the
-   server's vision cache (default 256 MiB) and, on a second server, with ``--vision-cache-mb
-   0``. Each round uses a new image, so turn 1 never hits the cache. The server's
-   ``/metrics`` counts the vision-cache hits, checked against what each phase expects.
+   answer, a follow-up question). Time to first token (client side) of each turn with the
+   server's defaults (the vision cache skips the vision graph, prefix reuse skips the
+   prefill of what the conversation's slot still caches), with the vision cache only
+   (``--no-prefix-reuse``) and with neither (``--vision-cache-mb 0 --no-prefix-reuse``), each
+   on its own server. Each round uses a new image, so turn 1 never hits a cache. The
+   server's ``/metrics`` counts vision-cache hits and reused prompt tokens, checked against
+   what each setting expects.
 """
 
 from __future__ import annotations
@@ -64,16 +67,18 @@ def _png_url(h: int, w: int, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _text_messages(i: int) -> list[dict]:
-    return [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+def _text_messages(i: int, tag: str) -> list[dict]:
+    """Request ``i`` of a round; ``tag`` (the round) opens the prompt, so no request shares
+    a reusable prefix with an earlier round's (each prefills its whole prompt)."""
+    return [{"role": "system", "content": f"Request {tag}.{i}."}, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
 
 
 # -- 1. HTTP vs the engine alone ------------------------------------------------------------
 
-def engine_round(pipe, n: int, tokens: int) -> tuple[float, int]:
+def engine_round(pipe, n: int, tokens: int, tag: str) -> tuple[float, int]:
     """N concurrent requests through ``Pipeline.submit`` (no HTTP): (seconds, tokens)."""
     def one(i):
-        seq = pipe.submit(messages=_text_messages(i), max_new_tokens=tokens)
+        seq = pipe.submit(messages=_text_messages(i, tag), max_new_tokens=tokens)
         for _ in seq.pieces():
             pass
         return len(seq.result.token_ids)
@@ -84,11 +89,11 @@ def engine_round(pipe, n: int, tokens: int) -> tuple[float, int]:
     return time.perf_counter() - t0, sum(counts)
 
 
-def http_round(server: Server, model: str, n: int, tokens: int) -> tuple[float, int]:
+def http_round(server: Server, model: str, n: int, tokens: int, tag: str) -> tuple[float, int]:
     """N concurrent streamed requests through the server (one ``openai`` client each)."""
     def one(i):
         client = server.client()
-        stream = client.chat.completions.create(model=model, messages=_text_messages(i), max_tokens=tokens,
+        stream = client.chat.completions.create(model=model, messages=_text_messages(i, tag), max_tokens=tokens,
                                                 temperature=0, stream=True, stream_options={"include_usage": True})
         used = None
         with stream:
@@ -133,8 +138,28 @@ def two_turns(server: Server, model: str, size: tuple[int, int], seed: int, toke
     return {"turn1_ttft_s": ttft1, "turn2_ttft_s": ttft2}
 
 
-def cache_hits(server: Server) -> float:
-    return sum(v for k, v in server.metrics().items() if k.startswith("qwen3vl_vision_cache_hits"))
+def counter(server: Server, prefix: str) -> float:
+    return sum(v for k, v in server.metrics().items() if k.startswith(prefix))
+
+
+# (label, extra server flags, vision-cache hits expected per second turn, prefix reuse expected)
+TURN_SETTINGS = [
+    ("vision cache + prefix reuse (defaults)", [], 1, True),
+    ("vision cache only (`--no-prefix-reuse`)", ["--no-prefix-reuse"], 1, False),
+    ("neither (`--vision-cache-mb 0 --no-prefix-reuse`)", ["--vision-cache-mb", 0, "--no-prefix-reuse"], 0, False),
+]
+
+
+def measure_turns(server: Server, model: str, size, rounds: int, tokens: int, seed: int, hits_per_turn: int,
+                  reuse: bool) -> dict:
+    hits0 = counter(server, "qwen3vl_vision_cache_hits")
+    reused0 = counter(server, "qwen3vl_prefix_reused_tokens")
+    runs = [two_turns(server, model, size, seed=seed + r, tokens=tokens) for r in range(rounds)]
+    hits = counter(server, "qwen3vl_vision_cache_hits") - hits0
+    reused = counter(server, "qwen3vl_prefix_reused_tokens") - reused0
+    if hits != hits_per_turn * rounds or (reused > 0) != reuse:
+        raise SystemExit(f"unexpected caching: {hits} vision-cache hits, {reused} reused prompt tokens in {rounds} rounds")
+    return {"runs": runs, "cache_hits": hits, "reused_tokens": reused}
 
 
 def main(argv=None) -> int:
@@ -168,13 +193,14 @@ def main(argv=None) -> int:
                    client_timeout=CALL_TIMEOUT) as server:
         model = server.model()
         # warm-up: one request each (first-run allocations, the prefill path, the HTTP stack)
-        engine_round(pipe, 1, 4)
-        http_round(server, model, 1, 4)
+        engine_round(pipe, 1, 4, "warm-up")
+        http_round(server, model, 1, 4, "warm-up")
         runs = {n: {"engine": [], "http": []} for n in levels}
         for r in range(args.rounds):
             for n in levels:
-                for system, fn in (("engine", lambda: engine_round(pipe, n, args.tokens)),
-                                   ("http", lambda: http_round(server, model, n, args.tokens))):
+                tag = f"{r}.{n}"
+                for system, fn in (("engine", lambda: engine_round(pipe, n, args.tokens, "engine" + tag)),
+                                   ("http", lambda: http_round(server, model, n, args.tokens, "http" + tag))):
                     secs, toks = fn()
                     runs[n][system].append({"seconds": secs, "tokens": toks, "tok_s": toks / secs})
                     print(f"round {r + 1}/{args.rounds} N={n} {system}: {toks} tokens in {secs:.2f} s "
@@ -184,35 +210,25 @@ def main(argv=None) -> int:
             results["levels"][n] = {"runs": runs[n], "engine_tok_s": med["engine"], "http_tok_s": med["http"],
                                     "ratio": med["http"] / med["engine"]}
         pipe.close()
-        # the second turn, with the vision cache
-        hits0 = cache_hits(server)
-        cached = [two_turns(server, model, size, seed=100 + r, tokens=args.turn_tokens) for r in range(args.turn_rounds)]
-        hits = cache_hits(server) - hits0
-        if hits != args.turn_rounds:
-            raise SystemExit(f"expected {args.turn_rounds} vision-cache hits (one per second turn), /metrics says {hits}")
-        results["turns"]["cache"] = {"runs": cached, "cache_hits": hits}
-        for rec in cached:
-            print(f"vision cache on: turn 1 {rec['turn1_ttft_s']:.2f} s, turn 2 {rec['turn2_ttft_s']:.2f} s", flush=True)
-    with Server(args.bundle, [*common, "--vision-cache-mb", 0], log_dir / "nocache.log", start_timeout=600,
-                api_key=None, client_timeout=CALL_TIMEOUT) as server:
-        model = server.model()
-        http_round(server, model, 1, 4)
-        uncached = [two_turns(server, model, size, seed=200 + r, tokens=args.turn_tokens) for r in range(args.turn_rounds)]
-        if cache_hits(server) != 0:
-            raise SystemExit("the server without a vision cache counted cache hits")
-        results["turns"]["no_cache"] = {"runs": uncached}
-        for rec in uncached:
-            print(f"vision cache off: turn 1 {rec['turn1_ttft_s']:.2f} s, turn 2 {rec['turn2_ttft_s']:.2f} s", flush=True)
-    for name, part in results["turns"].items():
+        label, _, hits, reuse = TURN_SETTINGS[0]
+        results["turns"][label] = measure_turns(server, model, size, args.turn_rounds, args.turn_tokens, 100, hits, reuse)
+    for i, (label, flags, hits, reuse) in enumerate(TURN_SETTINGS[1:], start=1):
+        with Server(args.bundle, [*common, *flags], log_dir / f"turns{i}.log", start_timeout=600, api_key=None,
+                    client_timeout=CALL_TIMEOUT) as server:
+            model = server.model()
+            http_round(server, model, 1, 4, "warm-up")
+            results["turns"][label] = measure_turns(server, model, size, args.turn_rounds, args.turn_tokens,
+                                                    100 + 100 * i, hits, reuse)
+    for label, part in results["turns"].items():
         t1 = statistics.median(x["turn1_ttft_s"] for x in part["runs"])
         t2 = statistics.median(x["turn2_ttft_s"] for x in part["runs"])
         part.update(turn1_ttft_s=t1, turn2_ttft_s=t2, ratio=t2 / t1)
+        print(f"{label}: turn 1 {t1:.2f} s, turn 2 {t2:.2f} s ({t2 / t1:.2f}x)", flush=True)
 
     level_rows = [[str(n), f"{v['engine_tok_s']:.2f}", f"{v['http_tok_s']:.2f}", f"{v['ratio']:.2f}"]
                   for n, v in results["levels"].items()]
     turn_rows = [[label, f"{p['turn1_ttft_s']:.2f} s", f"{p['turn2_ttft_s']:.2f} s", f"{p['ratio']:.2f}x"]
-                 for label, p in (("on (256 MiB)", results["turns"]["cache"]),
-                                  ("off (`--vision-cache-mb 0`)", results["turns"]["no_cache"]))]
+                 for label, p in results["turns"].items()]
     m = machine()
     md = (f"serve_bench {started:%Y-%m-%d %H:%M %Z}, {args.bundle.name}, {args.threads} threads, "
           f"{max(levels)} slots, {args.tokens} tokens per request, medians of {args.rounds} rounds; "
@@ -220,7 +236,7 @@ def main(argv=None) -> int:
           + table(level_rows, ["clients", "engine alone tok/s", "HTTP tok/s", "HTTP / engine"])
           + f"\n\nSecond turn about the same {size[0]}x{size[1]} image (time to first token, streamed, "
             f"medians of {args.turn_rounds}):\n\n"
-          + table(turn_rows, ["vision cache", "turn 1", "turn 2", "turn 2 / turn 1"]))
+          + table(turn_rows, ["server", "turn 1", "turn 2", "turn 2 / turn 1"]))
     payload = {"date": started.isoformat(), "bundle": str(args.bundle), "threads": args.threads,
                "tokens": args.tokens, "rounds": args.rounds, "machine": m, "results": results,
                "wall_s": time.perf_counter() - t_run}

@@ -117,6 +117,14 @@ class DecoderPool:
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
 
+    def swap(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        """Exchange the cached tokens of slots ``a`` (``length_a`` of them) and ``b``."""
+        for k, v in self.cache:
+            for buf in (k, v):
+                keep = buf[a, :, :length_a].copy()
+                buf[a, :, :length_b] = buf[b, :, :length_b]
+                buf[b, :, :length_a] = keep
+
     def run(self, lo: int, lengths, inputs_embeds: np.ndarray, position_ids: np.ndarray,
             deepstack_embeds: np.ndarray | None = None) -> np.ndarray:
         """Append ``inputs_embeds [n, S, H]`` to slots ``[lo, lo + n)`` holding ``lengths[r]``

@@ -148,10 +148,14 @@ class Engine:
         )
 
     # -- the scheduler's thread -------------------------------------------------------------
-    def prefill(self, slot: int, inputs_embeds, position_ids, deepstack_embeds) -> np.ndarray:
-        """A prompt into an empty ``slot``; the logits of its last position ``[vocab]``."""
-        logits = self.pool.run(slot, [0], inputs_embeds, position_ids, deepstack_embeds)
+    def prefill(self, slot: int, inputs_embeds, position_ids, deepstack_embeds, offset: int = 0) -> np.ndarray:
+        """A prompt into ``slot`` after the ``offset`` tokens it already caches (0: an empty
+        slot); the logits of its last position ``[vocab]``."""
+        logits = self.pool.run(slot, [offset], inputs_embeds, position_ids, deepstack_embeds)
         return logits[0, -1]
+
+    def swap(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        self.pool.swap(a, b, length_a, length_b)
 
     def decode(self, tokens, lengths, rope_deltas) -> np.ndarray:
         """One step for slots ``[0, n)``: ``tokens[r]`` appended after ``lengths[r]`` cached

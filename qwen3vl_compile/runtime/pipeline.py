@@ -34,7 +34,7 @@ from .sampling import Sampler, SamplingConfig
 from .scheduler import Scheduler
 from .text_side import TextSide
 from .video import Video, VideoPlan, VideoProcessorConfig, plan_video, preprocess_video
-from .vision import nearest_bucket
+from .vision import FeatureCache, nearest_bucket
 
 
 class Pipeline:
@@ -47,7 +47,7 @@ class Pipeline:
     def __init__(self, root: Path, manifest: dict, *, threads: int = 0, on_miss: str = "fallback",
                  max_batch: int = 1, max_length: int | None = None, providers=("CPUExecutionProvider",), log=None,
                  vision_cache_mb: int = 256, max_waiting: int | None = None, video_fps: float | None = None,
-                 max_frames: int | None = None, video_max_pixels: int | None = None):
+                 max_frames: int | None = None, video_max_pixels: int | None = None, reuse_prefix: bool = True):
         check_threads(threads, "threads", RuntimeInputError)
         threads = int(threads)  # a numpy integer too
         options = EngineOptions(threads=threads, providers=providers, max_batch=max_batch, max_length=max_length,
@@ -74,14 +74,14 @@ class Pipeline:
         self.hidden = self.engine.hidden
         self.levels = self.engine.levels
         self.vision = self.engine.vision
-        self.scheduler = Scheduler(self.engine, max_waiting=max_waiting)
+        self.scheduler = Scheduler(self.engine, max_waiting=max_waiting, reuse_prefix=bool(reuse_prefix))
 
     @classmethod
     def load(cls, root, *, threads: int = 0, on_miss: str = "fallback", skip_hash_check: bool = False,
              public_key=None, max_batch: int = 1, max_length: int | None = None,
              providers=("CPUExecutionProvider",), log=None, vision_cache_mb: int = 256,
              max_waiting: int | None = None, video_fps: float | None = None, max_frames: int | None = None,
-             video_max_pixels: int | None = None) -> "Pipeline":
+             video_max_pixels: int | None = None, reuse_prefix: bool = True) -> "Pipeline":
         """``public_key``: a PEM public key; the bundle must then carry a valid signature by its
         private key (``qwen3vl-compile sign``), checked before anything else is read.
         ``max_batch`` requests decode together (the KV pool's slots, of ``max_length`` tokens,
@@ -91,7 +91,9 @@ class Pipeline:
         graph. More than ``max_waiting`` requests waiting for a slot: ``submit`` raises
         :class:`~.scheduler.QueueFull` (None: no limit). ``video_fps`` (frames sampled per
         second), ``max_frames`` and ``video_max_pixels`` (all frames together) replace the
-        checkpoint's video settings."""
+        checkpoint's video settings. ``reuse_prefix``: a request whose prompt starts with what
+        a finished request's slot still caches (the next turn of a conversation) prefills
+        only the rest (see :mod:`.scheduler`)."""
         if not isinstance(root, (str, os.PathLike)):
             raise RuntimeInputError(f"Pipeline.load needs the bundle directory (a str or path), got {type(root).__name__}")
         check_threads(threads, "threads", RuntimeInputError)  # before any hashing
@@ -103,7 +105,8 @@ class Pipeline:
         manifest = open_checked(Path(root), skip_hash_check=skip_hash_check)
         return cls(Path(root), manifest, threads=threads, on_miss=on_miss, max_batch=max_batch, max_length=max_length,
                    providers=providers, log=log, vision_cache_mb=vision_cache_mb, max_waiting=max_waiting,
-                   video_fps=video_fps, max_frames=max_frames, video_max_pixels=video_max_pixels)
+                   video_fps=video_fps, max_frames=max_frames, video_max_pixels=video_max_pixels,
+                   reuse_prefix=reuse_prefix)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the requests in flight (cancelled after ``timeout`` seconds) and stop."""
@@ -326,8 +329,10 @@ class Pipeline:
             image_token_id=self.image_token_id, video_token_id=self.video_token_id, spatial_merge_size=self.merge,
         )
         timings["embed_s"] = time.perf_counter() - t
+        media_keys = [(FeatureCache.key(p.pixel_values, p.grid_thw), r.image_features.shape[0]) for p, r in encoded]
         return Prepared(input_ids, embeds, deepstack, positions, int(np.asarray(rope_deltas).reshape(-1)[0]),
-                        image_info, timings, video_info)
+                        image_info, timings, video_info,
+                        prefix_key=_prefix_key(input_ids, (self.image_token_id, self.video_token_id), media_keys))
 
     def _encode_videos(self, pvideos, info: list[dict], timings: dict) -> list:
         encoded = []
@@ -391,6 +396,21 @@ def _check_api_inputs(images, prompt, system, max_new_tokens) -> list:
         check_text(text, name)
     whole_number(max_new_tokens, "max_new_tokens", 1, RuntimeInputError)
     return list(images)
+
+
+def _prefix_key(input_ids: np.ndarray, pad_ids, media: list[tuple[bytes, int]]) -> np.ndarray:
+    """The prompt as the KV cache sees it: its token ids, with the pads of each image or video
+    (``media``: its content hash and pad count, in prompt order) replaced by negative values
+    made of that hash and the pad's index, never a token id. Two prompts share a key prefix
+    only where their caches would be the same (same tokens, same pixels)."""
+    key = np.asarray(input_ids[0], np.int64).copy()
+    pads = np.flatnonzero(np.isin(key, pad_ids))
+    start = 0
+    for digest, n in media:
+        base = int.from_bytes(digest[:5], "little") << 22  # < 2**62; 2**22 pads per image or video
+        key[pads[start:start + n]] = -(1 + base + np.arange(n, dtype=np.int64))
+        start += n
+    return key
 
 
 def _check_videos(videos) -> list[Video]:

@@ -53,6 +53,9 @@ class Prepared:
     images: list[dict]
     timings: dict[str, float]
     videos: list[dict] = dataclasses.field(default_factory=list)
+    # The prompt as the KV cache sees it ([S] int64): token ids, media pads replaced by values
+    # of the media's content (see Pipeline._prefix_key); None: never shares its cache.
+    prefix_key: np.ndarray | None = None
 
 
 # Events a sequence sends to its consumer: ("text", str), ("done", GenerationResult),
@@ -155,6 +158,15 @@ class Sequence:
         return self.result
 
     # -- the scheduler's side ---------------------------------------------------------------
+    def cache_key(self) -> np.ndarray | None:
+        """What this sequence's ``length`` cached tokens are: its prompt's prefix key, then
+        the generated tokens fed back (None when the prompt has no key)."""
+        key = self.prepared.prefix_key
+        if key is None or self.error is not None:
+            return None
+        fed = np.asarray(self.out_ids[: max(0, self.length - self.prompt_tokens)], np.int64)
+        return np.concatenate([key, fed])[: self.length]
+
     def accept(self, logits_row: np.ndarray) -> None:
         """Sample the next token from this sequence's last logits; stream it, or finish."""
         if self._t_decode is None:

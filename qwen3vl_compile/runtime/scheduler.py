@@ -11,6 +11,13 @@ One background thread owns the engine's decoder and KV pool. Its loop:
 3. evict sequences that finished (stop token, budget), were cancelled or failed; the last
    active sequence moves into the freed slot, so the active slots stay contiguous.
 
+**Prefix reuse**: a freed slot keeps its sequence's cache (prompt and generated tokens, with
+the key that names them: token ids, media pads named by the media's content). A new request
+whose prompt starts with a kept cache's tokens (the next turn of a conversation: the same
+messages and images, the answer, a new question) has that prefix copied into its slot and
+prefills only the rest. Kept caches are overwritten as slots are needed; when the freed slot
+is refilled by the last active sequence, the two slots are swapped so the freed cache survives.
+
 A request waits while every slot is busy. An error in one sequence (NaN logits in its row)
 fails that sequence only; an error of the decoder run itself fails the sequences of that
 run. :meth:`Scheduler.submit` is safe from any thread; the consumer reads the sequence's
@@ -25,8 +32,14 @@ import threading
 import time
 import weakref
 
+import numpy as np
+
 from ..errors import RuntimeInputError
 from .request import Sequence
+
+
+# Shorter shared prefixes are prefilled again: the copy would save too little.
+MIN_REUSED_TOKENS = 16
 
 
 class QueueFull(RuntimeInputError):
@@ -48,9 +61,12 @@ def _stop_all() -> None:
 
 
 class Scheduler:
-    def __init__(self, engine, *, max_waiting: int | None = None):
+    def __init__(self, engine, *, max_waiting: int | None = None, reuse_prefix: bool = True):
         self.engine = engine
         self.max_waiting = max_waiting
+        self.reuse_prefix = reuse_prefix
+        self._kept: dict[int, np.ndarray] = {}  # free slot -> the key of the tokens it caches
+        self.reused_tokens = 0  # prompt tokens taken from kept caches instead of prefilled
         self._cv = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []  # index = slot
@@ -133,14 +149,38 @@ class Scheduler:
                 self._active.clear()
             raise
 
+    def _reusable(self, seq: Sequence, slot: int) -> int:
+        """Tokens of ``seq``'s prompt found cached in a kept slot, copied into ``slot`` (0: none;
+        at least one prompt token is always left to prefill, for its logits)."""
+        key = seq.prepared.prefix_key
+        if not self.reuse_prefix or key is None or not self._kept:
+            return 0
+        best, source = 0, None
+        for kept_slot, kept in self._kept.items():
+            n = min(len(kept), len(key) - 1)
+            same = np.flatnonzero(kept[:n] != key[:n])
+            common = int(same[0]) if same.size else n
+            if common > best:
+                best, source = common, kept_slot
+        if best < MIN_REUSED_TOKENS:
+            return 0
+        if source != slot:
+            self.engine.move(source, slot, best)
+        return best
+
     def _prefill(self, seq: Sequence) -> None:
         slot = len(self._active)
         p = seq.prepared
         t = time.perf_counter()
         seq.timings["queue_s"] = t - seq.t_start - sum(v for k, v in seq.timings.items() if k in ("preprocess_s", "vision_s", "embed_s"))
         try:
-            logits = self.engine.prefill(slot, p.inputs_embeds, p.position_ids, p.deepstack_embeds)
+            reused = self._reusable(seq, slot)
+            self._kept.pop(slot, None)
+            logits = self.engine.prefill(slot, p.inputs_embeds[:, reused:], p.position_ids[:, :, reused:],
+                                         p.deepstack_embeds[:, :, reused:], offset=reused)
             seq.timings["prefill_s"] = time.perf_counter() - t
+            seq.timings["prefix_reused_tokens"] = reused
+            self.reused_tokens += reused
             seq.slot, seq.length = slot, seq.prompt_tokens
             self._active.append(seq)  # a failed sequence is evicted with the finished ones
             self.peak_active = max(self.peak_active, len(self._active))
@@ -180,8 +220,15 @@ class Scheduler:
             if not seq.finished:
                 continue
             last = self._active.pop()
+            key = seq.cache_key() if self.reuse_prefix else None
             if last is not seq:
-                self.engine.move(last.slot, i, last.length)
+                if key is not None:  # keep the freed cache: it goes where the last one was
+                    self.engine.swap(i, last.slot, seq.length, last.length)
+                    self._kept[last.slot] = key
+                else:
+                    self.engine.move(last.slot, i, last.length)
                 last.slot = i
                 self._active[i] = last
+            elif key is not None:
+                self._kept[i] = key
             seq.slot = None

@@ -50,6 +50,8 @@ def _parser():
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, in MiB (default 32)")
     p.add_argument("--vision-cache-mb", type=int, default=256,
                    help="vision features kept by image content, in MiB (default 256; 0: none)")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="prefill every prompt whole (default: a next turn reuses the cache its conversation left)")
     p.add_argument("--prepare-workers", type=int, default=2,
                    help="threads preparing requests (images, vision, embedding) (default 2)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -125,7 +127,8 @@ def _run(argv) -> int:
     try:
         pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss, skip_hash_check=args.skip_hash_check,
                              public_key=args.public_key, max_batch=args.max_batch, max_length=args.max_length,
-                             vision_cache_mb=args.vision_cache_mb, max_waiting=args.max_waiting, log=say)
+                             vision_cache_mb=args.vision_cache_mb, max_waiting=args.max_waiting, log=say,
+                             reuse_prefix=not args.no_prefix_reuse)
     except BaseException:
         sock.close()
         raise

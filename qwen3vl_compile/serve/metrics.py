@@ -84,6 +84,8 @@ class Metrics:
                    self.completion_tokens)
             metric("qwen3vl_cancelled_requests_total", "counter", "Requests cancelled (client gone, stop string).",
                    self.cancelled)
+            metric("qwen3vl_prefix_reused_tokens_total", "counter",
+                   "Prompt tokens taken from a finished request's cache instead of prefilled.", sched.reused_tokens)
             if cache is not None:
                 metric("qwen3vl_vision_cache_hits_total", "counter", "Images whose features came from the cache.",
                        cache.hits)
