@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Pipeline", "__version__"]
+__all__ = ["Pipeline", "Video", "__version__"]
 
 
 def __getattr__(name):  # lazy: importing the package must not import torch or onnxruntime
@@ -10,4 +10,8 @@ def __getattr__(name):  # lazy: importing the package must not import torch or o
         from .runtime.pipeline import Pipeline
 
         return Pipeline
+    if name == "Video":
+        from .runtime.video import Video
+
+        return Video
     raise AttributeError(name)

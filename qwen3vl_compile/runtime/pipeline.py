@@ -263,10 +263,12 @@ class Pipeline:
             info.append({**entry, "grid_thw": list(processed.grid_thw), "tokens": processed.num_tokens})
         return processed_all, info, timings
 
-    def _encode_images(self, processed_all, info: list[dict], timings: dict) -> list:
+    def _encode(self, processed_all, info: list[dict], timings: dict, encode) -> list:
+        """``(processed, VisionResult)`` of each image (``encode``: the vision side's
+        ``encode``) or video (``encode_video``); its entry of ``info`` records what served it."""
         encoded = []
         for processed, entry in zip(processed_all, info):
-            result = self.vision.encode(processed.pixel_values, processed.grid_thw)
+            result = encode(processed.pixel_values, processed.grid_thw)
             timings["vision_s"] += result.seconds
             encoded.append((processed, result))
             entry.update(served_by=result.served_by, vision_s=round(result.seconds, 4))
@@ -309,8 +311,8 @@ class Pipeline:
             input_ids = self.chat.encode_messages(conversation, counts, plans)
             self._check_context(input_ids, plans)
         pvideos, video_info = self._preprocess_videos(videos, plans, timings)
-        encoded_images = iter(self._encode_images(processed, image_info, timings))
-        encoded_videos = iter(self._encode_videos(pvideos, video_info, timings))
+        encoded_images = iter(self._encode(processed, image_info, timings, self.vision.encode))
+        encoded_videos = iter(self._encode(pvideos, video_info, timings, self.vision.encode_video))
         # Rows in prompt order: the embedding graph fills image and video pads in turn.
         encoded = [next(encoded_images) if k == "image" else next(encoded_videos) for k, _ in media]
         n_pads = int(np.isin(input_ids, (self.image_token_id, self.video_token_id)).sum())
@@ -333,15 +335,6 @@ class Pipeline:
         return Prepared(input_ids, embeds, deepstack, positions, int(np.asarray(rope_deltas).reshape(-1)[0]),
                         image_info, timings, video_info,
                         prefix_key=_prefix_key(input_ids, (self.image_token_id, self.video_token_id), media_keys))
-
-    def _encode_videos(self, pvideos, info: list[dict], timings: dict) -> list:
-        encoded = []
-        for pv, entry in zip(pvideos, info):
-            result = self.vision.encode_video(pv.pixel_values, pv.grid_thw)
-            timings["vision_s"] += result.seconds
-            encoded.append((pv, result))
-            entry.update(served_by=result.served_by, vision_s=round(result.seconds, 4))
-        return encoded
 
 
 class GenerationStream:

@@ -260,8 +260,23 @@ def _count(source) -> int | str:
         return "?"
 
 
+class _GroupTokens:
+    """Token counts of a video record with ``grid_thw`` and ``merge_size``."""
+
+    @property
+    def tokens_per_group(self) -> int:
+        """Video pad tokens of one temporal group (``h*w / merge**2``)."""
+        _, h, w = self.grid_thw
+        return h * w // self.merge_size**2
+
+    @property
+    def num_tokens(self) -> int:
+        """All video pad tokens of this video (``t*h*w / merge**2``)."""
+        return self.grid_thw[0] * self.tokens_per_group
+
+
 @dataclasses.dataclass(frozen=True)
-class VideoPlan:
+class VideoPlan(_GroupTokens):
     """What a video will become, from its header alone (no frame decoded): the sampled
     frames, the size every frame is resized to, the grid and the prompt's timestamps."""
 
@@ -273,15 +288,6 @@ class VideoPlan:
     timestamps: tuple[float, ...]
     merge_size: int
     fitted: bool = False  # resized to a given size (a bucket's), not by smart_resize
-
-    @property
-    def tokens_per_group(self) -> int:
-        _, h, w = self.grid_thw
-        return h * w // self.merge_size**2
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid_thw[0] * self.tokens_per_group
 
 
 def plan_video(video: Video, cfg: VideoProcessorConfig, *, size: tuple[int, int] | None = None) -> VideoPlan:
@@ -535,7 +541,7 @@ def _decode_sequential(container, stream, wanted: list[int]) -> dict[int, np.nda
 
 
 @dataclasses.dataclass
-class ProcessedVideo:
+class ProcessedVideo(_GroupTokens):
     """One video ready for the vision graph."""
 
     pixel_values: np.ndarray  # [t*h*w, C*T*P*P] float32 (pixel_values_videos)
@@ -545,17 +551,6 @@ class ProcessedVideo:
     fps: float  # the source's frame rate
     resized: tuple[int, int]  # (height, width) of every frame fed to the patcher
     merge_size: int = 2
-
-    @property
-    def tokens_per_group(self) -> int:
-        """Video pad tokens of one temporal group (``h*w / merge**2``)."""
-        _, h, w = self.grid_thw
-        return h * w // self.merge_size**2
-
-    @property
-    def num_tokens(self) -> int:
-        """All video pad tokens of this video (``t*h*w / merge**2``)."""
-        return self.grid_thw[0] * self.tokens_per_group
 
 
 def preprocess_video(video, cfg: VideoProcessorConfig | None = None, *, fps: float | None = None,
