@@ -10,6 +10,7 @@ closed (``2>&-``) errors and progress are dropped and only the exit code tells."
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -179,3 +180,37 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: [arguments] {message} (see --help)\n")
+
+
+def _positive(kind: type, what: str):
+    """An argparse ``type``: a positive (finite) ``kind``, else a one-line arguments error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+def add_video_options(parser: argparse.ArgumentParser) -> None:
+    """The video sampling options of qwen3vl-run and qwen3vl-serve, checked here (positive
+    numbers; anything else is a one-line ``[arguments]`` error, exit 2); :func:`video_options`
+    gives them as ``Pipeline.load`` keywords. Unset, the bundle's video_preprocessor_config.json
+    decides."""
+    parser.add_argument("--video-fps", type=_positive(float, "a positive number"), default=None,
+                        help="frames sampled per second of video (default: the checkpoint's, 2)")
+    parser.add_argument("--max-frames", type=_positive(int, "a whole number >= 1"), default=None,
+                        help="most frames sampled from one video (default: the checkpoint's, 768)")
+    parser.add_argument("--video-max-pixels", type=_positive(int, "a whole number >= 1"), default=None,
+                        help="most pixels of one video's sampled frames together, after resizing "
+                             "(default: the checkpoint's)")
+
+
+def video_options(args) -> dict:
+    """The parsed video options as ``Pipeline.load`` keywords."""
+    return {"video_fps": args.video_fps, "max_frames": args.max_frames, "video_max_pixels": args.video_max_pixels}

@@ -1,6 +1,7 @@
 """``qwen3vl-run OUT --image a.jpg --prompt "Describe this image"``: stream the answer.
+``--video clip.mp4`` (repeatable, after the images in the prompt) needs the ``[video]`` extra.
 
-User mistakes (missing image, bad bundle, prompt too long, ...) give one line on stderr and
+User mistakes (missing image or video, unreadable video, bad bundle, prompt too long, ...) give one line on stderr and
 a non-zero exit, never a traceback.
 """
 
@@ -13,11 +14,14 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ..cli_io import OneLineParser
+    from ..cli_io import OneLineParser, add_video_options
 
-    p = OneLineParser(prog="qwen3vl-run", description="Answer a prompt about image(s) with a compiled bundle.")
+    p = OneLineParser(prog="qwen3vl-run", description="Answer a prompt about image(s) and video(s) with a compiled bundle.")
     p.add_argument("bundle", help="bundle directory written by qwen3vl-compile")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
+    p.add_argument("--video", action="append", default=[],
+                   help="video file (repeat for several; after the images in the prompt; needs the [video] extra)")
+    add_video_options(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -42,12 +46,13 @@ def main(argv=None) -> int:
 
 def _run(argv) -> int:
     args = _parser().parse_args(argv)
+    from ..cli_io import video_options
     from .pipeline import Pipeline
 
     with Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss, skip_hash_check=args.skip_hash_check,
-                       public_key=args.public_key) as pipe:
+                       public_key=args.public_key, **video_options(args)) as pipe:
         pieces = pipe.generate(
-            images=args.image, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+            images=args.image, videos=args.video, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=True,
         )
         for piece in pieces:
@@ -62,6 +67,11 @@ def _run(argv) -> int:
         for img in result.images:
             extra = f"; {img['fit']}" if "fit" in img else ""
             print(f"[image {img['index']}: grid {img['grid_thw'][1]}x{img['grid_thw'][2]}, {img['served_by']}{extra}]", file=sys.stderr)
+        for vid in result.videos:
+            extra = f"; {vid['fit']}" if "fit" in vid else ""
+            t, h, w = vid["grid_thw"]
+            print(f"[video {vid['index']}: {vid['frames']} frames, grid {t}x{h}x{w}, {vid['tokens']} tokens, "
+                  f"{vid['served_by']}{extra}]", file=sys.stderr)
     return 0
 
 

@@ -1,16 +1,17 @@
 """``qwen3vl-eval OUT ITEMS.jsonl``: what a bundle costs in answers.
 
-Runs the bundle greedily over a JSONL file of ``{"images": [...], "prompt": ..., "answer": ...}``
-(image paths relative to the JSONL file; ``images`` may be empty) and scores each answer
+Runs the bundle greedily over a JSONL file of ``{"images": [...], "videos": [...], "prompt": ...,
+"answer": ...}`` (image and video paths relative to the JSONL file; ``images`` and ``videos`` may
+be empty or left out; videos need the ``[video]`` extra and follow the images in the prompt) and scores each answer
 case-insensitively, both as an exact match (after trimming spaces and a final full stop) and
 as a contains-match. With ``--reference MODEL`` (a checkpoint directory or preset) Hugging Face
 answers the same items in fp32: the accuracy of each, the rate at which the two agree, and
 the items where they differ. ``--json`` prints one JSON object instead of the table.
 
 The whole file is checked before any model work: a line that is not a JSON object with those
-fields, an image that does not exist or cannot be read (from its header: the pixels are not
-decoded), is smaller than one patch, or a prompt too long for the bundle's context with its
-images, is refused with the file's name and the line number. ``--reference`` must be the
+fields, an image or video that does not exist or cannot be read (from its header: no pixel
+or frame is decoded), an image smaller than one patch, or a prompt too long for the bundle's
+context with its images and videos, is refused with the file's name and the line number. ``--reference`` must be the
 checkpoint the bundle was compiled from (the manifest records its config's sha256).
 Answers are scored case-insensitively; ``contains`` matches the answer as whole words only
 (``5`` is not found in ``<unused1250>``).
@@ -35,6 +36,7 @@ class EvalItem:
     prompt: str
     answer: str
     kind: str | None = None
+    videos: tuple[Path, ...] = ()
 
 
 def load_items(path: Path) -> list[EvalItem]:
@@ -59,9 +61,13 @@ def load_items(path: Path) -> list[EvalItem]:
             raise RuntimeInputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise RuntimeInputError(f"{where}: not a JSON object")
-        images, prompt, answer = obj.get("images", []), obj.get("prompt"), obj.get("answer")
-        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise RuntimeInputError(f"{where}: \"images\" must be a list of paths")
+        prompt, answer = obj.get("prompt"), obj.get("answer")
+        media = {}
+        for key in ("images", "videos"):
+            value = obj.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
+                raise RuntimeInputError(f"{where}: \"{key}\" must be a list of paths")
+            media[key] = _paths(value, key[:-1], path, where)
         for key, value in (("prompt", prompt), ("answer", answer)):
             if not isinstance(value, str) or not value.strip():
                 raise RuntimeInputError(f"{where}: \"{key}\" must be a non-empty string")
@@ -70,25 +76,31 @@ def load_items(path: Path) -> list[EvalItem]:
             except UnicodeEncodeError as e:  # a lone surrogate such as "\\ud800"
                 raise RuntimeInputError(f"{where}: \"{key}\" is not valid Unicode text (lone surrogate "
                                         f"U+{ord(value[e.start]):04X} at character {e.start})") from None
-        paths = tuple((path.parent / i) for i in images)
-        for i, p in zip(images, paths):
-            if p.is_dir():
-                raise RuntimeInputError(f"{where}: image {i} is a directory (paths are relative to {path.parent})")
-            if not p.is_file():
-                raise RuntimeInputError(f"{where}: image {i} not found (paths are relative to {path.parent})")
         kind = obj.get("kind")
-        out.append(EvalItem(n, paths, prompt, answer, kind if isinstance(kind, str) else None))
+        out.append(EvalItem(n, media["images"], prompt, answer, kind if isinstance(kind, str) else None,
+                            media["videos"]))
     if not out:
         raise RuntimeInputError(f"{path}: no items (one JSON object per line)")
     return out
 
 
+def _paths(names: list[str], what: str, items_file: Path, where: str) -> tuple[Path, ...]:
+    """``names`` relative to the items file, each an existing file."""
+    paths = tuple(items_file.parent / i for i in names)
+    for i, p in zip(names, paths):
+        if p.is_dir():
+            raise RuntimeInputError(f"{where}: {what} {i} is a directory (paths are relative to {items_file.parent})")
+        if not p.is_file():
+            raise RuntimeInputError(f"{where}: {what} {i} not found (paths are relative to {items_file.parent})")
+    return paths
+
+
 def check_items(pipe, items: list[EvalItem], source: Path) -> None:
-    """Every item through the checks that need no model work (image headers, sizes, the
-    prompt's token count against the bundle's context), each failure naming its line."""
+    """Every item through the checks that need no model work (image and video headers, sizes,
+    the prompt's token count against the bundle's context), each failure naming its line."""
     for it in items:
         try:
-            pipe.check_request([str(p) for p in it.images], it.prompt)
+            pipe.check_request([str(p) for p in it.images], it.prompt, videos=list(it.videos))
         except RuntimeInputError as e:
             raise RuntimeInputError(f"{Path(source).name} line {it.line}: {e.args[0]}") from None
 
@@ -152,8 +164,9 @@ def run_bundle(pipe, items: list[EvalItem], max_new_tokens: int, progress=None, 
 
     def answer(it: EvalItem) -> str:
         try:
-            return pipe.generate([str(p) for p in it.images], it.prompt, max_new_tokens=max_new_tokens).text
-        except RuntimeInputError as e:  # found only when decoding (a truncated image): name the line
+            return pipe.generate([str(p) for p in it.images], it.prompt, videos=list(it.videos),
+                                 max_new_tokens=max_new_tokens).text
+        except RuntimeInputError as e:  # found only when decoding (a truncated image or video): name the line
             raise RuntimeInputError(f"{where} {it.line}: {e.args[0]}") from None
 
     return answer_all("bundle", answer, items, progress)
@@ -210,8 +223,21 @@ def run_reference(model: str, items: list[EvalItem], max_new_tokens: int, decode
     except ImportError:  # pragma: no cover - transformers comes with the compile extra
         pass
     generate = make_hf_generate(_reference_source(model))
-    return answer_all("reference", lambda it: decode(generate([str(p) for p in it.images], it.prompt, max_new_tokens)),
-                      items, progress)
+
+    def answer(it: EvalItem) -> str:
+        # Hugging Face samples the frames itself (its processor's fps and bounds): give it all of them.
+        videos = [_all_frames(v) for v in it.videos]
+        return decode(generate([str(p) for p in it.images], it.prompt, max_new_tokens, videos=videos))
+
+    return answer_all("reference", answer, items, progress)
+
+
+def _all_frames(path: Path) -> tuple:
+    """``(frames, fps)`` of every frame of a video file, for the reference."""
+    from .video import VideoProcessorConfig, load_video
+
+    clip = load_video(path, VideoProcessorConfig(do_sample_frames=False))
+    return clip.frames, clip.fps
 
 
 def report(items: list[EvalItem], bundle: SystemResult, reference: SystemResult | None) -> dict:
@@ -266,7 +292,7 @@ def _parser():
 
     p = OneLineParser(prog="qwen3vl-eval", description="Accuracy of a bundle (and of Hugging Face) on a JSONL eval set.")
     p.add_argument("bundle", help="bundle directory written by qwen3vl-compile")
-    p.add_argument("items", type=Path, help='JSONL: {"images": [...], "prompt": ..., "answer": ...} per line')
+    p.add_argument("items", type=Path, help='JSONL: {"images": [...], "videos": [...], "prompt": ..., "answer": ...} per line')
     p.add_argument("--reference", default=None, help="checkpoint directory or preset to answer the same items with Hugging Face (fp32)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--limit", type=int, default=0, help="only the first N items (0: all)")
