@@ -2,7 +2,11 @@
 Python client: plain and streamed completions, multi-turn with images, the same greedy text as
 ``Pipeline`` for the same messages, the same answer alone or among concurrent requests, every
 client mistake as OpenAI's error shape with its status (and the server keeps serving), a client
-that disconnects mid-stream frees its slot, SIGTERM finishes the request in flight.
+that disconnects mid-stream frees its slot, SIGTERM finishes the request in flight. Videos
+(``video_url`` parts, with PyAV): as a data: URL and by allowed path the same greedy text as
+``Pipeline`` on the same file, alone and with an image; corrupt, audio-only, too big and too long
+videos are OpenAI errors (and their temporary files removed); a server without PyAV says which
+extra it needs.
 
 Every server is started by a fixture with a bounded wait for /health and always stopped
 (SIGTERM, then SIGKILL); every request loop is bounded in count and time."""
@@ -13,6 +17,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import os
 import re
 import signal
 import sys
@@ -50,6 +55,10 @@ def ServerProcess(bundle, args, log_path: Path, api_key: str | None = None) -> "
 def media_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("media")
     _png(224, 224, seed=5, path=d / "inside.png")
+    if _HAVE_AV:
+        _clip_file(d / "clip.mkv")
+        with open(d / "huge.mp4", "wb") as f:  # sparse: over --max-video-mb from its size alone
+            f.truncate(2 * 2**20)
     outside = tmp_path_factory.mktemp("outside")
     _png(224, 224, seed=6, path=outside / "secret.png")
     (d / "link.png").symlink_to(outside / "secret.png")
@@ -58,9 +67,17 @@ def media_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(vision_bundle, media_dir, tmp_path_factory):
-    """The main server: 4 slots, an API key, images from ``media_dir``."""
-    srv = ServerProcess(vision_bundle, ["--max-batch", 4, "--max-waiting", 8, "--allowed-media-dir", media_dir],
-                        tmp_path_factory.mktemp("log") / "server.log", api_key=KEY)
+    """The main server: 4 slots, an API key, images and videos from ``media_dir``, videos up to
+    1 MiB; its temporary files in ``srv.tmp_dir``."""
+    tmp_dir, saved = tmp_path_factory.mktemp("server-tmp"), os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_dir)
+    try:
+        srv = ServerProcess(vision_bundle, ["--max-batch", 4, "--max-waiting", 8, "--allowed-media-dir", media_dir,
+                                            "--max-video-mb", 1],
+                            tmp_path_factory.mktemp("log") / "server.log", api_key=KEY)
+    finally:
+        os.environ.pop("TMPDIR") if saved is None else os.environ.update(TMPDIR=saved)
+    srv.tmp_dir = tmp_dir
     try:
         yield srv
     finally:
@@ -114,6 +131,44 @@ def _user(text, *urls) -> dict:
 def _ask(client, messages, max_tokens=12, **kw):
     return client.chat.completions.create(model="tiny-random", messages=messages, max_tokens=max_tokens,
                                           temperature=0, **kw)
+
+
+try:
+    import av
+
+    _HAVE_AV = True
+except ImportError:
+    _HAVE_AV = False
+needs_av = pytest.mark.skipif(not _HAVE_AV, reason="PyAV (the [video] extra) is not installed")
+
+
+def _write_clip(path, frames, rate: int, codec: str = "ffv1", fmt: str | None = None) -> None:
+    """``frames`` as a video file (or file object, with ``fmt``): FFV1 (lossless) or mpeg4."""
+    with av.open(path if fmt else str(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _clip_file(path) -> None:
+    """8 lossless frames of 224x224 at 4 fps (4 sampled: the 224 bucket): a moving gradient and
+    square, 170 KB."""
+    y, x = np.mgrid[0:224, 0:224]
+    frames = []
+    for i in range(8):
+        f = np.stack([(x + 8 * i) % 256, (y * 2) % 256, ((x + y) // 2 + 16 * i) % 256], -1).astype(np.uint8)
+        f[40 + 8 * i:100 + 8 * i, 60:120] = [250, 30, 30]
+        frames.append(f)
+    _write_clip(path, frames, 4)
+
+
+def _video_part(url: str) -> dict:
+    return {"type": "video_url", "video_url": {"url": url}}
 
 
 IMG_A = _data_url(_png(224, 224, seed=1))
@@ -496,3 +551,82 @@ def test_stop_matcher_holds_back_a_possible_stop():
     assert "".join(m.push(p) for p in ["abE", "Nx"]) + m.flush() == "abENx" and not m.stopped
     assert StopMatcher([]).push("anything") == "anything"
 
+
+
+# -- video ------------------------------------------------------------------------------------------
+
+@needs_av
+def test_video_greedy_text_equals_pipeline(server, pipe, media_dir):
+    """A video as a data: URL, by allowed path, and with an image in one message: the server's
+    greedy text is Pipeline's on the same file for the same messages; nothing is left in the
+    server's temporary directory."""
+    client = server.client()
+    clip = media_dir / "clip.mkv"
+    inline = _data_url(clip.read_bytes(), "video/x-matroska")
+    cases = [
+        ([_video_part(inline)], [{"type": "video", "video": clip}]),
+        ([_video_part("clip.mkv")], [{"type": "video", "video": clip}]),
+        ([_image_part(IMG_A), _video_part(inline)],
+         [{"type": "image", "image": Image.open(io.BytesIO(base64.b64decode(IMG_A.split(",")[1])))},
+          {"type": "video", "video": clip}]),
+    ]
+    for parts, pipe_parts in cases:
+        got = _ask(client, [{"role": "user", "content": [*parts, {"type": "text", "text": "What happens?"}]}])
+        want = pipe.submit(messages=[{"role": "user", "content": [*pipe_parts, {"type": "text", "text": "What happens?"}]}],
+                           max_new_tokens=12).wait()
+        assert got.choices[0].message.content == want.text
+        assert got.usage.prompt_tokens == want.prompt_tokens
+    assert want.videos[0]["frames"] == 4 and want.videos[0]["served_by"].startswith("bucket 224"), want.videos
+    assert list(server.tmp_dir.glob("qwen3vl-video-*")) == []
+
+
+@needs_av
+def test_video_mistakes_are_openai_errors(server, tmp_path):
+    """Each refused, the server keeps serving, no temporary file is left behind."""
+    wav = io.BytesIO()
+    with av.open(wav, "w", format="wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            out.mux(packet)
+    long_clip = io.BytesIO()  # 20 frames of 1280x720 at 2 fps: 8800 video tokens, over the 8192 context
+    _write_clip(long_clip, [np.full((720, 1280, 3), 100, np.uint8)] * 20, 2, codec="mpeg4", fmt="mp4")
+    mp4 = lambda data: _video_part(_data_url(data, "video/mp4"))  # noqa: E731
+    user = lambda part: _body({"role": "user", "content": [part, {"type": "text", "text": "hi"}]})  # noqa: E731
+    cases = [
+        (user(mp4(np.random.default_rng(1).bytes(5000))), 400, r"video of messages\[0\]\.content\[0\]\.video_url: "
+         r"cannot be read", "invalid_video"),
+        (user(mp4(wav.getvalue())), 400, "has no video stream", "invalid_video"),
+        (user(mp4(np.random.default_rng(2).bytes(1_100_000))), 413, "over the limit of 1048576", "video_too_large"),
+        (user(_video_part("huge.mp4")), 413, "over the limit", "video_too_large"),
+        (user(mp4(long_clip.getvalue())), 400, r"context is 8192 tokens; the messages take \d+ tokens with their "
+         r"images and videos \(videos: 20 frames of 1280x704 = 8800 tokens\)", "context_length_exceeded"),
+        (user(_video_part(_data_url(b"x", "video/avi"))), 400, "must be data:<video/mp4", None),
+        (user(_video_part("../outside/clip.mkv")), 400, "outside", "path_not_allowed"),
+        (user(_video_part("http://127.0.0.1:9/clip.mp4")), 400, "allow-url-fetch", None),
+        (_body({"role": "assistant", "content": [_video_part("clip.mkv")]}), 400, "only allowed in user messages", None),
+    ]
+    for body, status, match, code in cases:
+        _assert_error(_raw(server, body), status, match, code)
+        _good(server)
+    assert list(server.tmp_dir.glob("qwen3vl-video-*")) == []
+
+
+@pytest.mark.slow  # a server of its own
+def test_a_server_without_pyav_names_the_extra(vision_bundle, tmp_path, monkeypatch):
+    blocker = tmp_path / "no-av" / "av"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('PyAV is hidden for this test')\n")
+    monkeypatch.setenv("PYTHONPATH", str(blocker.parent))
+    srv = ServerProcess(vision_bundle, [], tmp_path / "no-av.log")
+    try:
+        body = _body({"role": "user", "content": [_video_part(_data_url(b"\0" * 64, "video/mp4")), {"type": "text", "text": "hi"}]})
+        _assert_error(_raw(srv, body, key=None), 400, r"needs PyAV, the \[video\] extra \(pip install 'qwen3vl-compile\[video\]'\)",
+                      "video_unsupported")
+        _good_on(srv)
+    finally:
+        rc = srv.stop()
+    log = srv.log()
+    assert "Traceback" not in log, log
+    assert rc == 0, log

@@ -5,8 +5,9 @@
 - ``GET /v1/models``: the bundle, with its context length; ``GET /health``; ``GET /metrics``.
 
 A request is checked on the event loop (body size, JSON, fields), then prepared in a bounded
-thread pool (images read and their headers checked, the prompt's token count checked against
-the context before any vision work, then preprocessing, vision and embedding) and queued on the
+thread pool (images and videos read and their headers checked, the prompt's token count checked
+against the context before any pixel or frame is decoded and any vision work, then
+preprocessing, vision and embedding) and queued on the
 engine's scheduler, whose thread hands each text piece to the request's own asyncio queue. A
 client that disconnects cancels its sequence (its slot is freed at the next decode step).
 Every error is OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; a client's
@@ -21,6 +22,9 @@ import dataclasses
 import hmac
 import json
 import logging
+import re
+import shutil
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -30,9 +34,9 @@ from ..errors import ContextLengthError, Qwen3VLCompileError, RuntimeInputError
 from ..runtime.sampling import SamplingConfig
 from ..runtime.scheduler import QueueFull
 from .errors import ApiError, bad_request
-from .media import MediaPolicy, decode, read_image
+from .media import MediaPolicy, decode, read_image, read_video
 from .metrics import Metrics
-from .protocol import ChatRequest, ImageRef, StopMatcher, parse_chat_request
+from .protocol import ChatRequest, StopMatcher, parse_chat_request
 
 log = logging.getLogger("qwen3vl_compile.serve")
 
@@ -98,8 +102,11 @@ def _from_runtime(error: Exception) -> ApiError:
     if isinstance(error, QueueFull):
         return ApiError(429, f"the server is busy: {error.args[0]}; retry later", code="queue_full")
     if isinstance(error, ContextLengthError):
+        videos = re.search(r"\(videos: [^)]*\)", str(error.args[0]))  # the pipeline's count of each video
+        media = f"images and videos {videos.group(0)}: shorten them or send shorter or smaller videos" if videos \
+            else "images: shorten them"
         return ApiError(400, f"this model's context is {error.context_length} tokens; the messages take "
-                             f"{error.prompt_tokens} tokens with their images: shorten them",
+                             f"{error.prompt_tokens} tokens with their {media}",
                         param="messages", code="context_length_exceeded")
     if isinstance(error, RuntimeInputError) and error.stage == "engine":
         return ApiError(503, "the server is shutting down; no new requests", code="shutting_down")
@@ -263,16 +270,27 @@ class _Server:
             self.preparing -= 1
 
     def _prepare(self, req: ChatRequest, sink):
-        """In a worker thread: the images read, the context checked (from the image headers),
-        the pixels decoded, then the pipeline's own preparation and queueing."""
+        """In a worker thread: the images and videos read, the context checked (from the image
+        and video headers), the pixels decoded, then the pipeline's own preparation (the
+        videos' sampled frames decoded) and queueing. Videos sent as bytes live in a private
+        temporary directory for this call only."""
         policy = self.options.media
-        images = {id(ref): read_image(ref.url, ref.param, policy) for ref in req.images}
-        messages = _with_images(req.messages, images)
-        self.pipe.check_request(messages=messages)
-        images = {id(ref): decode(images[id(ref)], ref.param) for ref in req.images}
-        sampling = SamplingConfig(req.temperature, req.top_k, req.top_p, req.seed)
-        return self.pipe.submit(messages=_with_images(req.messages, images),
-                                max_new_tokens=req.max_tokens or self.pipe.context_length, sampling=sampling, sink=sink)
+        tmp_dir = Path(tempfile.mkdtemp(prefix="qwen3vl-video-")) if req.videos else None
+        videos: dict = {}
+        try:
+            images = {id(ref): read_image(ref.url, ref.param, policy) for ref in req.images}
+            videos = {id(ref): read_video(ref.url, ref.param, policy, tmp_dir) for ref in req.videos}
+            self.pipe.check_request(messages=_with_media(req.messages, {**images, **videos}))
+            images = {id(ref): decode(images[id(ref)], ref.param) for ref in req.images}
+            sampling = SamplingConfig(req.temperature, req.top_k, req.top_p, req.seed)
+            return self.pipe.submit(messages=_with_media(req.messages, {**images, **videos}),
+                                    max_new_tokens=req.max_tokens or self.pipe.context_length, sampling=sampling,
+                                    sink=sink)
+        except RuntimeInputError as e:
+            raise _video_error(e, req, videos) from None
+        finally:
+            if tmp_dir is not None:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
 
     async def _sse(self, gen: "_Generation", req: ChatRequest, ident: str, created: int):
         def chunk(delta: dict, finish=None, usage=False) -> str:
@@ -299,16 +317,32 @@ class _Server:
         yield "data: [DONE]\n\n"
 
 
-def _with_images(messages: list[dict], images: dict) -> list[dict]:
-    """``messages`` with each image part's :class:`ImageRef` replaced by its image."""
+def _with_media(messages: list[dict], media: dict) -> list[dict]:
+    """``messages`` with each image or video part's :class:`ImageRef` / :class:`VideoRef`
+    replaced by its image or video file (``media`` keyed by the ref's id)."""
     out = []
     for m in messages:
         content = m["content"]
         if not isinstance(content, str):
-            content = [{"type": "image", "image": images[id(p["image"])]} if p["type"] == "image" else p
+            content = [{"type": p["type"], p["type"]: media[id(p[p["type"]])]} if p["type"] in ("image", "video") else p
                        for p in content]
         out.append({"role": m["role"], "content": content})
     return out
+
+
+def _video_error(error: RuntimeInputError, req: ChatRequest, videos: dict) -> Exception:
+    """A pipeline error about one of the request's videos (unreadable, no video stream, ...)
+    as a 400 naming the content part instead of the server's file (a temporary one, or the
+    resolved path); other errors unchanged."""
+    if isinstance(error, ContextLengthError):
+        return error
+    message = str(error.args[0])
+    for ref in req.videos:
+        path = videos.get(id(ref))
+        if path is not None and f"video {str(path)!r}" in message:
+            return bad_request(message.replace(f"video {str(path)!r}", f"the video of {ref.param}"), ref.param,
+                               code="invalid_video")
+    return error
 
 
 async def _cancel_on_disconnect(request, seq) -> None:

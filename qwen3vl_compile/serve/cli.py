@@ -27,7 +27,7 @@ class ServeError(Qwen3VLCompileError):
 
 
 def _parser():
-    from ..cli_io import OneLineParser
+    from ..cli_io import OneLineParser, add_video_options
 
     p = OneLineParser(prog="qwen3vl-serve", description="Serve a compiled bundle with OpenAI's chat-completions API.")
     p.add_argument("bundle", help="bundle directory written by qwen3vl-compile")
@@ -42,11 +42,14 @@ def _parser():
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $QWEN3VL_API_KEY, else none)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the bundle's source model)")
     p.add_argument("--allowed-media-dir", default=None,
-                   help="serve image paths (and file:// URLs) inside this directory; off by default")
-    p.add_argument("--allow-url-fetch", action="store_true", help="fetch http(s) image URLs (off by default)")
+                   help="serve image and video paths (and file:// URLs) inside this directory; off by default")
+    p.add_argument("--allow-url-fetch", action="store_true", help="fetch http(s) image and video URLs (off by default)")
     p.add_argument("--url-timeout", type=float, default=10.0,
-                   help="with --allow-url-fetch: seconds to connect, and to read an image's body (default 10)")
+                   help="with --allow-url-fetch: seconds to connect, and to read an image's or video's body (default 10)")
     p.add_argument("--max-image-mb", type=float, default=20.0, help="largest image file, in MiB (default 20)")
+    p.add_argument("--max-video-mb", type=float, default=64.0,
+                   help="largest video file (data: URL, fetched or local), in MiB (default 64)")
+    add_video_options(p)
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, in MiB (default 32)")
     p.add_argument("--vision-cache-mb", type=int, default=256,
                    help="vision features kept by image content, in MiB (default 256; 0: none)")
@@ -82,7 +85,7 @@ def _import_stack():
 def _check(args) -> None:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
-    for name in ("max_image_mb", "max_body_mb", "shutdown_timeout", "url_timeout"):
+    for name in ("max_image_mb", "max_video_mb", "max_body_mb", "shutdown_timeout", "url_timeout"):
         if not getattr(args, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.max_waiting < 0 or args.prepare_workers < 1:
@@ -113,6 +116,7 @@ def _run(argv) -> int:
     args = _parser().parse_args(argv)
     _check(args)
     uvicorn = _import_stack()
+    from ..cli_io import video_options
     from ..runtime.pipeline import Pipeline
     from .app import ServeOptions, create_app
     from .media import MediaPolicy
@@ -128,7 +132,7 @@ def _run(argv) -> int:
         pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss, skip_hash_check=args.skip_hash_check,
                              public_key=args.public_key, max_batch=args.max_batch, max_length=args.max_length,
                              vision_cache_mb=args.vision_cache_mb, max_waiting=args.max_waiting, log=say,
-                             reuse_prefix=not args.no_prefix_reuse)
+                             reuse_prefix=not args.no_prefix_reuse, **video_options(args))
     except BaseException:
         sock.close()
         raise
@@ -137,7 +141,8 @@ def _run(argv) -> int:
         model_name=name, api_key=args.api_key,
         media=MediaPolicy(allowed_dir=media_dir, allow_url_fetch=args.allow_url_fetch,
                           url_timeout_s=args.url_timeout,
-                          max_image_bytes=int(args.max_image_mb * 2**20)),
+                          max_image_bytes=int(args.max_image_mb * 2**20),
+                          max_video_bytes=int(args.max_video_mb * 2**20)),
         max_body_bytes=int(args.max_body_mb * 2**20), max_waiting=args.max_waiting,
         prepare_workers=args.prepare_workers, shutdown_timeout=args.shutdown_timeout,
     )

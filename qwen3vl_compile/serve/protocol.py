@@ -21,8 +21,14 @@ class ImageRef:
 
 
 @dataclasses.dataclass
+class VideoRef:
+    url: str
+    param: str
+
+
+@dataclasses.dataclass
 class ChatRequest:
-    messages: list[dict]  # the Pipeline's form, image parts holding ImageRef until resolved
+    messages: list[dict]  # the Pipeline's form, image / video parts holding ImageRef / VideoRef until resolved
     images: list[ImageRef]
     max_tokens: int | None
     temperature: float
@@ -32,6 +38,7 @@ class ChatRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    videos: list[VideoRef] = dataclasses.field(default_factory=list)
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, *, lo_open: bool = False):
@@ -106,9 +113,9 @@ def parse_chat_request(body, model_names: tuple[str, ...]) -> ChatRequest:
         raise bad_request("stop must be a string or a list of strings", "stop")
     if len(stops) > MAX_STOPS or any(not s for s in stops):
         raise bad_request(f"stop takes at most {MAX_STOPS} non-empty strings", "stop")
-    messages, images = _messages(body.get("messages"))
+    messages, images, videos = _messages(body.get("messages"))
     return ChatRequest(
-        messages=messages, images=images, max_tokens=max_tokens,
+        messages=messages, images=images, videos=videos, max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 0.0, 2.0),  # greedy by default, as qwen3vl-run
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         top_k=0 if top_k in (None, -1) else top_k,
@@ -117,10 +124,10 @@ def parse_chat_request(body, model_names: tuple[str, ...]) -> ChatRequest:
     )
 
 
-def _messages(messages) -> tuple[list[dict], list[ImageRef]]:
+def _messages(messages) -> tuple[list[dict], list[ImageRef], list[VideoRef]]:
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list", "messages")
-    out, images = [], []
+    out, images, videos = [], [], []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -154,11 +161,21 @@ def _messages(messages) -> tuple[list[dict], list[ImageRef]]:
                 image = ImageRef(url, f"{at}.image_url")
                 images.append(image)
                 parts.append({"type": "image", "image": image})
+            elif kind == "video_url":
+                if role != "user":
+                    raise bad_request(f"{at}: videos are only allowed in user messages", f"{at}.type")
+                ref = part.get("video_url")
+                url = ref.get("url") if isinstance(ref, dict) else ref
+                if not isinstance(url, str) or not url:
+                    raise bad_request(f"{at}.video_url.url must be a non-empty string", f"{at}.video_url")
+                video = VideoRef(url, f"{at}.video_url")
+                videos.append(video)
+                parts.append({"type": "video", "video": video})
             else:
-                raise bad_request(f"{at}.type {kind!r} is not supported (text, image_url)", f"{at}.type",
+                raise bad_request(f"{at}.type {kind!r} is not supported (text, image_url, video_url)", f"{at}.type",
                                   code="unsupported_content_type")
         out.append({"role": role, "content": parts})
-    return out, images
+    return out, images, videos
 
 
 class StopMatcher:
