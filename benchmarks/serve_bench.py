@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", default="1,2,4,8", help="concurrent clients per level")
     ap.add_argument("--tokens", type=int, default=32, help="completion tokens per request (level runs)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--turn-rounds", type=int, default=3, help="two-turn conversations per cache setting")
+    ap.add_argument("--turn-rounds", type=int, default=3, help="two-turn conversations per cache setting (0: none)")
     ap.add_argument("--turn-tokens", type=int, default=8, help="completion tokens per turn")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1,2 clients, 8 tokens, 1 round")
     ap.add_argument("--out-name", default=None, help="results/<name>.{json,md} (default: serve_bench_<date>)")
@@ -211,8 +211,10 @@ def main(argv=None) -> int:
                                     "ratio": med["http"] / med["engine"]}
         pipe.close()
         label, _, hits, reuse = TURN_SETTINGS[0]
-        results["turns"][label] = measure_turns(server, model, size, args.turn_rounds, args.turn_tokens, 100, hits, reuse)
-    for i, (label, flags, hits, reuse) in enumerate(TURN_SETTINGS[1:], start=1):
+        if args.turn_rounds:
+            results["turns"][label] = measure_turns(server, model, size, args.turn_rounds, args.turn_tokens, 100,
+                                                    hits, reuse)
+    for i, (label, flags, hits, reuse) in enumerate(TURN_SETTINGS[1:] if args.turn_rounds else [], start=1):
         with Server(args.bundle, [*common, *flags], log_dir / f"turns{i}.log", start_timeout=600, api_key=None,
                     client_timeout=CALL_TIMEOUT) as server:
             model = server.model()
@@ -234,9 +236,9 @@ def main(argv=None) -> int:
           f"{max(levels)} slots, {args.tokens} tokens per request, medians of {args.rounds} rounds; "
           f"{m.get('cpu', '')}\n\n"
           + table(level_rows, ["clients", "engine alone tok/s", "HTTP tok/s", "HTTP / engine"])
-          + f"\n\nSecond turn about the same {size[0]}x{size[1]} image (time to first token, streamed, "
-            f"medians of {args.turn_rounds}):\n\n"
-          + table(turn_rows, ["server", "turn 1", "turn 2", "turn 2 / turn 1"]))
+          + (f"\n\nSecond turn about the same {size[0]}x{size[1]} image (time to first token, streamed, "
+             f"medians of {args.turn_rounds}):\n\n"
+             + table(turn_rows, ["server", "turn 1", "turn 2", "turn 2 / turn 1"]) if turn_rows else ""))
     payload = {"date": started.isoformat(), "bundle": str(args.bundle), "threads": args.threads,
                "tokens": args.tokens, "rounds": args.rounds, "machine": m, "results": results,
                "wall_s": time.perf_counter() - t_run}
