@@ -7,14 +7,20 @@ by -1% to -2% (``benchmarks/fusion_bench.py``, results in ``benchmarks/results/f
 """
 
 
-def vision_passes():
-    """Passes for a bucketed vision graph exported by torch.onnx."""
+def vision_passes(precision: str = "fp32"):
+    """Passes for a vision graph exported by torch.onnx; ``precision="int8"`` adds the int8
+    weights of every linear layer (``QuantizeGemmInt8Pass``; the patch embedding stays fp32)."""
     from .check_model import CheckModelPass
     from .cleanup import CleanupPass
     from .fuse_attention import FuseAttentionPass
     from .unify_index_types import UnifyIndexTypesPass
 
-    return (UnifyIndexTypesPass(), CleanupPass(), FuseAttentionPass(), CheckModelPass())
+    quantize = ()
+    if precision == "int8":
+        from .quantize_gemm_int8 import QuantizeGemmInt8Pass
+
+        quantize = (QuantizeGemmInt8Pass(),)
+    return (UnifyIndexTypesPass(), CleanupPass(), FuseAttentionPass(), *quantize, CheckModelPass())
 
 
 def decoder_passes(spec):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .buckets import DYNAMIC, parse_buckets
-from .config import GRAPH_KINDS, TARGETS, CompileConfig
+from .config import GRAPH_KINDS, TARGETS, VISION_PRECISIONS, CompileConfig
 from .options import DEFAULT_CONTEXT_LENGTH, EMBEDDING_PRECISIONS, LOGITS_MODES, MAX_THREADS, PRECISIONS, DecoderOptions
 from .cli_io import OneLineParser, run_cli
 from .errors import UsageError
@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-precision", default=d.embedding_precision, choices=EMBEDDING_PRECISIONS,
                    help="token embedding table: the checkpoint's dtype (auto: bf16 stays bf16, exact), fp32, or "
                         "int4 (reuses the INT4 lm_head's bytes: no extra size, quantized embeddings)")
+    p.add_argument("--vision-precision", default="fp32", choices=VISION_PRECISIONS,
+                   help="vision graphs: fp32 (default), or int8 weights and activations in every linear layer "
+                        "(faster on CPUs with int8 dot products; gated against the fp32 reference at a looser "
+                        "tolerance; the patch embedding, attention and the PyTorch fallback stay fp32)")
     p.add_argument("--graphs", default=",".join(GRAPH_KINDS), help="which graphs to build (default: all)")
     p.add_argument("--target", default="onnx", choices=TARGETS,
                    help="onnx (default): the bundle for qwen3vl-run; ort-genai: also genai_config.json, "
@@ -107,6 +111,7 @@ def _compile(argv: list[str], on_writer=None) -> int:
         ),
         graphs=tuple(g.strip() for g in args.graphs.split(",") if g.strip()),
         target=args.target,
+        vision_precision=args.vision_precision,
         verify=not args.no_verify,
         force=args.force,
         threads=args.threads,

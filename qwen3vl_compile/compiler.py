@@ -147,12 +147,13 @@ def _vision(ck: Checkpoint, cfg: CompileConfig, staging: Path, progress: Progres
     for bucket in static:
         name = graph_name(bucket)
         with progress.stage(f"export {name} (grid {bucket.grid_thw[1]}x{bucket.grid_thw[2]})"):
-            entry = export_vision_bucket(visual, bucket, staging)
+            entry = export_vision_bucket(visual, bucket, staging, precision=cfg.vision_precision)
         out.graphs[name] = entry
         out.buckets.append({**bucket.to_json(), "graph": entry.file})
         if cfg.verify:
             with progress.stage(f"verify {name}"):
-                parity = verify_vision_bucket(staging / entry.file, visual, bucket, threads=cfg.threads)
+                parity = verify_vision_bucket(staging / entry.file, visual, bucket, threads=cfg.threads,
+                                              precision=cfg.vision_precision)
             _record_parity(out, staging, name, parity)
     if dynamic is not None:
         out.add(_vision_dynamic(visual, cfg, staging, progress))
@@ -184,12 +185,12 @@ def _vision_dynamic(visual, cfg: CompileConfig, staging: Path, progress: Progres
     out = StageResult()
     for per_image in (True, False) if cfg.target == "ort-genai" else (True,):
         with progress.stage(f"export the any-size vision graph ({'one image' if per_image else 'several images'} per call)"):
-            entry = export_vision_dynamic(visual, staging, per_image=per_image)
+            entry = export_vision_dynamic(visual, staging, per_image=per_image, precision=cfg.vision_precision)
         out.graphs[entry.name] = entry
         if not cfg.verify:
             continue
         with progress.stage(f"verify {entry.name}"):
-            parity = verify_vision_dynamic(staging / entry.file, visual, threads=cfg.threads)
+            parity = verify_vision_dynamic(staging / entry.file, visual, threads=cfg.threads, precision=cfg.vision_precision)
         _record_parity(out, staging, entry.name, parity)
     return out
 

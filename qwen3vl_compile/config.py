@@ -17,6 +17,9 @@ from .options import PRECISIONS, DecoderOptions, check_threads  # noqa: F401 - P
 GRAPH_KINDS = ("vision", "embedding", "decoder")
 # onnx: the bundle for qwen3vl-run / Pipeline; ort-genai: also loadable by onnxruntime-genai.
 TARGETS = ("onnx", "ort-genai")
+# Vision graphs: fp32, or int8 weights of every linear layer with int8 activations quantized
+# per call (the patch embedding and attention stay fp32); the PyTorch fallback stays fp32.
+VISION_PRECISIONS = ("fp32", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +30,7 @@ class CompileConfig:
     decoder: DecoderOptions = DecoderOptions()
     graphs: tuple[str, ...] = GRAPH_KINDS
     target: str = "onnx"
+    vision_precision: str = "fp32"
     verify: bool = True
     force: bool = False
     threads: int = 0
@@ -45,6 +49,8 @@ class CompileConfig:
                              "embedding and decoder graphs")
         if "vision" in self.graphs and not self.buckets:
             raise UsageError("--buckets: at least one bucket is needed to build vision graphs")
+        if self.vision_precision not in VISION_PRECISIONS:
+            raise UsageError(f"--vision-precision {self.vision_precision!r}: choose one of {', '.join(VISION_PRECISIONS)}")
         if self.target not in TARGETS:
             raise UsageError(f"--target {self.target!r}: choose one of {', '.join(TARGETS)}")
         if self.target == "ort-genai":
@@ -60,6 +66,7 @@ class CompileConfig:
             **self.decoder.to_json(),
             "graphs": list(self.graphs),
             "target": self.target,
+            "vision_precision": self.vision_precision,
             "buckets": [b.name for b in self.buckets],
             "verify": self.verify,
             "threads": self.threads,

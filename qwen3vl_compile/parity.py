@@ -15,6 +15,7 @@ import numpy as np
 # (graph kind, precision) -> maximum relative error.
 TOLERANCES: dict[tuple[str, str], float] = {
     ("vision", "fp32"): 1e-4,
+    ("vision", "int8"): 0.1,  # PROVISIONAL
     ("embedding", "fp32"): 1e-6,
     # int4 embeddings (the INT4 lm_head's bytes) against the table's own quantize-dequantize
     # round trip: the same arithmetic (GatherBlockQuantized dequantizes in fp32).

@@ -61,8 +61,9 @@ def random_pixel_values(bucket: VisionBucket, seed: int) -> np.ndarray:
     return pixel_values_from_u8(random_pixel_u8(bucket, seed))
 
 
-def export_vision_bucket(visual, bucket: VisionBucket, out_dir: Path, *, passes=None) -> GraphEntry:
-    """Export, run the vision passes, save ``vision_<bucket>.onnx``; return its graph entry.
+def export_vision_bucket(visual, bucket: VisionBucket, out_dir: Path, *, passes=None, precision: str = "fp32") -> GraphEntry:
+    """Export, run the vision passes for ``precision``, save ``vision_<bucket>.onnx``; return
+    its graph entry.
 
     ``passes`` replaces the default pass list (benchmarks use it to measure variants)."""
     import torch
@@ -80,14 +81,16 @@ def export_vision_bucket(visual, bucket: VisionBucket, out_dir: Path, *, passes=
         outputs=feature_outputs(len(visual.deepstack_visual_indexes), bucket.num_tokens, visual.config.out_hidden_size),
         details={"bucket": bucket.to_json()},
         passes=passes,
+        precision=precision,
     )
 
 
 def verify_vision_bucket(
-    onnx_path: Path, visual, bucket: VisionBucket, *, seeds=(1, 2), threads: int = 0, reference_grid=None
+    onnx_path: Path, visual, bucket: VisionBucket, *, seeds=(1, 2), threads: int = 0, reference_grid=None,
+    precision: str = "fp32",
 ) -> GraphParity:
     """Run ONNX Runtime and the unpatched tower on random inputs; measure every output. The
-    golden is the first seed's case.
+    golden is the first seed's case. ``precision`` (the graph's) picks the gate.
 
     ``reference_grid`` lets a test feed the reference a different layout of the same number
     of patches (a graph for 14x14 checked against 7x28 must fail).
@@ -99,11 +102,12 @@ def verify_vision_bucket(
         visual,
         [(f"seed{seed}", {"pixel_u8": random_pixel_u8(bucket, seed)}, grid) for seed in seeds],
         golden=f"seed{seeds[0]}",
+        precision=precision,
     )
     return GraphParity(
         graph=graph_name(bucket),
         kind="vision",
-        precision="fp32",
+        precision=precision,
         reference=f"unpatched transformers Qwen3VLVisionModel, fp32, grid {list(grid)}",
         cases=cases,
         golden=golden,

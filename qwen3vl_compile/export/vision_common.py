@@ -97,10 +97,11 @@ def export_graph(
     export_facts: dict | None = None,
     check: Callable | None = None,
     passes=None,
+    precision: str = "fp32",
 ) -> GraphEntry:
     """Export ``module`` on ``example_args`` under ``patches`` (a context manager yielding the
     names of the patches it applied), run ``check(model)`` on the exported model if given,
-    then the vision passes (``passes`` replaces that list), and save ``<name>.onnx`` in
+    then the vision passes for ``precision`` (``passes`` replaces that list), and save ``<name>.onnx`` in
     ``out_dir``.
 
     The entry's details are ``details``, then ``export`` (the exporter, ``export_facts``, the
@@ -132,7 +133,7 @@ def export_graph(
     model.graph.name = name
     if check is not None:
         check(model)
-    model, reports = run_passes(model, vision_passes() if passes is None else passes, graph=name)
+    model, reports = run_passes(model, vision_passes(precision) if passes is None else passes, graph=name)
     path = Path(out_dir) / f"{name}.onnx"
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     data_files = []
@@ -147,7 +148,7 @@ def export_graph(
     return GraphEntry(
         file=path.name,
         kind="vision",
-        precision="fp32",
+        precision=precision,
         inputs=inputs,
         outputs=outputs,
         data_files=data_files,
@@ -196,14 +197,16 @@ def measure_cases(
     cases: Iterable[tuple[str, dict, object]],
     *,
     golden: str,
+    precision: str = "fp32",
 ) -> tuple[dict, dict]:
     """Measure a vision graph against the reference, case by case.
 
     ``cases``: ``(name, inputs, reference_grids)`` with ``inputs`` the golden's input arrays
     (``pixel_u8`` first, then any other graph input); ``run(pixel_values, inputs)`` returns
     the graph's two outputs. Returns the measured cases and the golden: the inputs and
-    reference outputs of the case named ``golden``. The reference runs once per case."""
-    tol = TOLERANCES[("vision", "fp32")]
+    reference outputs of the case named ``golden``. The reference runs once per case; the
+    tolerance is the gate of the graph's ``precision``."""
+    tol = TOLERANCES[("vision", precision)]
     measured, kept = {}, {}
     for name, inputs, grids in cases:
         x = pixel_values_from_u8(inputs["pixel_u8"])

@@ -91,7 +91,8 @@ def _dynamic_shapes(per_image: bool):
             for name in INPUT_NAMES}
 
 
-def export_vision_dynamic(visual, out_dir: Path, *, per_image: bool = True, passes=None) -> GraphEntry:
+def export_vision_dynamic(visual, out_dir: Path, *, per_image: bool = True, passes=None,
+                          precision: str = "fp32") -> GraphEntry:
     """Export, run the vision passes, save ``vision_dynamic.onnx`` (one image per call) or,
     with ``per_image=False``, ``vision_dynamic_multi.onnx``; return its graph entry."""
     import torch
@@ -122,6 +123,7 @@ def export_vision_dynamic(visual, out_dir: Path, *, per_image: bool = True, pass
         export_facts={"example_grids": [list(g) for g in grids]},
         check=lambda model: _check_interface(model, name, per_image),
         passes=passes,
+        precision=precision,
     )
 
 
@@ -149,6 +151,7 @@ def verify_vision_dynamic(
     multi_image=MULTI_IMAGE,
     seed: int = 1,
     threads: int = 0,
+    precision: str = "fp32",
 ) -> GraphParity:
     """Run ONNX Runtime and the unpatched tower on each grid in ``grids`` and on
     ``multi_image`` (Hugging Face: all images in one call; ours: one call, or with the
@@ -167,12 +170,13 @@ def verify_vision_dynamic(
         visual,
         cases,
         golden=(cases[0] if per_image else cases[-1])[0] if cases else "",
+        precision=precision,
     )
     how = "one call per image" if per_image else "one call per case"
     return GraphParity(
         graph=GRAPH_NAME if per_image else MULTI_GRAPH_NAME,
         kind="vision",
-        precision="fp32",
+        precision=precision,
         reference=f"unpatched transformers Qwen3VLVisionModel, fp32, grids not seen at export ({how})",
         cases=measured,
         golden=golden,
