@@ -50,7 +50,10 @@ def _start(out: Path, step: str, flag: Path) -> subprocess.Popen:
     env = {**os.environ, ENV: f"{step}:{flag}"}
     cmd = [sys.executable, "-m", "qwen3vl_compile.cli", "--model", "tiny-random", "--graphs", "embedding",
            "--no-verify", "-o", str(out), "--force", "-q"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal's Ctrl-C finds it: a test run started in the background by a
+    # shell without job control inherits SIGINT ignored, and Python then keeps it ignored.
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _pause_then_signal(p: subprocess.Popen, flag: Path, sig: int) -> tuple[int, str, str]:
