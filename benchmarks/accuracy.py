@@ -50,6 +50,7 @@ BUNDLES = {
     "int4-b32": (["--precision", "int4", "--block-size", "32", "--buckets", SIZES], "error"),
     "int4-b128": (["--precision", "int4", "--block-size", "128", "--buckets", SIZES], "error"),
     "int4-emb": (["--precision", "int4", "--embedding-precision", "int4", "--buckets", SIZES], "error"),
+    "vision-int8": (["--precision", "fp32", "--vision-precision", "int8", "--buckets", SIZES], "error"),
     "any-size": (["--precision", "fp32", "--buckets", "dynamic"], "fallback"),  # fallback = any-size graph here
     "fallback": (["--precision", "fp32", "--buckets", "64"], "fallback"),
     "fit": (["--precision", "fp32", "--buckets", "256"], "fit"),
@@ -62,6 +63,7 @@ LABELS = {
     "int4-b32": "bundle INT4, block 32 (default)",
     "int4-b128": "bundle INT4, block 128",
     "int4-emb": "bundle INT4 + INT4 embedding",
+    "vision-int8": "fp32 decoder, int8 vision (`--vision-precision int8`)",
     "any-size": "fp32, any-size vision graph",
     "fallback": "fp32, PyTorch fallback vision",
     "fit": "fp32, fit to the 256 bucket",
@@ -115,6 +117,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--reuse", action="store_true", help="keep bundles already compiled in --work by this script")
+    ap.add_argument("--rows", default=None,
+                    help="only these rows, comma-separated (e.g. fp32,vision-int8; the reference always runs, "
+                         "no-deepstack and swapped-grid need fp32 and any-size); results then go to accuracy_<rows>")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -125,7 +130,13 @@ def main() -> int:
 
     results: dict[str, SystemResult] = {}
     compile_s = {}
-    for name, (extra, _) in BUNDLES.items():
+    rows_wanted = set(args.rows.split(",")) if args.rows else set(BUNDLES) | {"no-deepstack", "swapped-grid"}
+    unknown = rows_wanted - set(BUNDLES) - {"no-deepstack", "swapped-grid"}
+    if unknown:
+        raise SystemExit(f"--rows: unknown {sorted(unknown)}; rows are {', '.join([*BUNDLES, 'no-deepstack', 'swapped-grid'])}")
+    bundles = {k: v for k, v in BUNDLES.items() if k in rows_wanted or k == "fp32"
+               or (k == "any-size" and "swapped-grid" in rows_wanted)}
+    for name, (extra, _) in bundles.items():
         out = args.work / name
         if not (args.reuse and (out / "manifest.json").is_file()):
             t = time.perf_counter()
@@ -139,19 +150,23 @@ def main() -> int:
     decode = Pipeline.load(args.work / "fp32").chat.decode
     results["reference"] = run_reference("tiny", items, args.max_new_tokens, decode)
     print("reference done", flush=True)
-    for name, (_, on_miss) in BUNDLES.items():
+    for name, (_, on_miss) in bundles.items():
+        if name not in rows_wanted:
+            continue
         if name == "ort-genai":
             results[name] = run_genai(args.work / name, items, args.max_new_tokens, decode, args.threads)
         else:
             pipe = Pipeline.load(args.work / name, threads=args.threads, on_miss=on_miss)
             results[name] = run_bundle(pipe, items, args.max_new_tokens)
         print(f"{name} done", flush=True)
-    pipe = Pipeline.load(args.work / "fp32", threads=args.threads, on_miss="error")
-    pipe.embedding = _ZeroDeepStack(pipe.embedding)
-    results["no-deepstack"] = run_bundle(pipe, items, args.max_new_tokens)
-    pipe = Pipeline.load(args.work / "any-size", threads=args.threads, on_miss="fallback")
-    _swap_grid(pipe)
-    results["swapped-grid"] = run_bundle(pipe, items, args.max_new_tokens)
+    if "no-deepstack" in rows_wanted:
+        pipe = Pipeline.load(args.work / "fp32", threads=args.threads, on_miss="error")
+        pipe.engine.embedding = _ZeroDeepStack(pipe.engine.embedding)
+        results["no-deepstack"] = run_bundle(pipe, items, args.max_new_tokens)
+    if "swapped-grid" in rows_wanted:
+        pipe = Pipeline.load(args.work / "any-size", threads=args.threads, on_miss="fallback")
+        _swap_grid(pipe)
+        results["swapped-grid"] = run_bundle(pipe, items, args.max_new_tokens)
 
     ref = results["reference"]
     non_square = [i for i, it in enumerate(items) if any(_not_square(p) for p in it.images)]
@@ -176,7 +191,7 @@ def main() -> int:
           f"{date}, `python benchmarks/accuracy.py --work DIR --n {args.n}`, {args.threads} threads, "
           f"{machine().get('cpu', 'this machine')}, {time.perf_counter() - t_start:.0f} s in all.\n\n" + table(rows, header))
     print(md)
-    save("accuracy", {"date": date, "machine": machine(), "n": len(items), "sizes": SIZES, "compile_seconds": compile_s,
+    save("accuracy" + (f"_{args.rows.replace(',', '_')}" if args.rows else ""), {"date": date, "machine": machine(), "n": len(items), "sizes": SIZES, "compile_seconds": compile_s,
                       "systems": payload}, md)
     return 0
 

@@ -12,14 +12,11 @@ from pathlib import Path
 
 from .buckets import VisionBucket
 from .errors import UsageError
-from .options import PRECISIONS, DecoderOptions, check_threads  # noqa: F401 - PRECISIONS re-exported for the CLI
+from .options import PRECISIONS, VISION_PRECISIONS, DecoderOptions, check_threads  # noqa: F401 - PRECISIONS re-exported for the CLI
 
 GRAPH_KINDS = ("vision", "embedding", "decoder")
 # onnx: the bundle for qwen3vl-run / Pipeline; ort-genai: also loadable by onnxruntime-genai.
 TARGETS = ("onnx", "ort-genai")
-# Vision graphs: fp32, or int8 weights of every linear layer with int8 activations quantized
-# per call (the patch embedding and attention stay fp32); the PyTorch fallback stays fp32.
-VISION_PRECISIONS = ("fp32", "int8")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,9 @@ import os
 from .errors import UsageError
 
 PRECISIONS = ("fp32", "fp16", "int4")
+# Vision graphs: fp32, or int8 weights of every linear layer with int8 activations quantized
+# per call (the patch embedding and attention inputs stay fp32); the PyTorch fallback stays fp32.
+VISION_PRECISIONS = ("fp32", "int8")
 # MatMulNBits takes a power of two >= 16 weights per scale.
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 # MatMulNBits accuracy_level: 0 = fp32 compute (exact on the dequantized weights), 4 = int8.

@@ -161,17 +161,17 @@ def test_vision_precision_is_validated_in_one_place():
 
 @pytest.mark.slow  # a compile of two bucket graphs and the any-size graph
 def test_int8_compile_records_precision_and_verifies(tmp_path, capsys):
-    from qwen3vl_compile.bundle.cli import main as bundle_main
-
     out = tmp_path / "bundle"
-    assert main(["--model", "tiny", "--buckets", "224,448", "--graphs", "vision", "--vision-precision", "int8",
+    assert main(["--model", "tiny", "--buckets", "224,448,dynamic", "--graphs", "vision", "--vision-precision", "int8",
                  "-o", str(out), "-q"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["options"]["vision_precision"] == "int8"
     for name in ("vision_224", "vision_448", "vision_dynamic"):
         assert m["parity"][name]["precision"] == "int8" and m["parity"][name]["passed"]
+        cosines = [out["cosine"] for case in m["parity"][name]["cases"].values() for out in case.values()]
+        assert min(cosines) > 0.99, cosines  # recorded per output: the lowest per-token cosine
         stats = next(p for p in m["graphs"][name]["passes"] if p["pass"] == "QuantizeGemmInt8Pass")["stats"]
         assert stats["gemms_quantized"] > 0 and stats["activations"] == "per-token"
     capsys.readouterr()
-    assert bundle_main(["verify", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
     assert "all graphs within tolerance" in capsys.readouterr().out

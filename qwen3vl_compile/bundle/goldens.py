@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BundleError
-from ..options import PRECISIONS
+from ..options import PRECISIONS, VISION_PRECISIONS
 from .manifest import interface_name
 from ..parity import TOLERANCES, GraphParity, measure
 from ..ort.session import ort_session
@@ -52,7 +52,7 @@ def table_tolerance(manifest: dict, name: str) -> float:
     source = graphs.get(graph.get("source_graph"), graph)
     kind, precision = graph["kind"], graph["precision"]
     key = (kind, precision)
-    if precision not in PRECISIONS or key not in TOLERANCES:
+    if precision not in (*PRECISIONS, *VISION_PRECISIONS) or key not in TOLERANCES:
         known = ", ".join(p for k, p in TOLERANCES if k == kind) or "none"
         raise BundleError(f"graph {name!r}: precision {precision!r} of a {kind} graph is not one this qwen3vl-compile "
                           f"knows ({known})")
