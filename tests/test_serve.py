@@ -352,7 +352,7 @@ class _ImageHost:
     meets: a good PNG, one over the size limit with and without Content-Length, one that drips
     its bytes past the timeout, a redirect to a file: URL, a 404, a page that is not an image."""
 
-    def __init__(self, png: bytes, big: bytes):
+    def __init__(self, png: bytes, big: bytes, files: dict | None = None):
         import http.server
         import threading
 
@@ -366,7 +366,9 @@ class _ImageHost:
 
             def do_GET(self):
                 host.paths.append(self.path)
-                if self.path == "/cat.png":
+                if self.path in (files or {}):
+                    self._send(200, *files[self.path])
+                elif self.path == "/cat.png":
                     self._send(200, png)
                 elif self.path == "/big.png":
                     self._send(200, big)
@@ -421,10 +423,12 @@ class _ImageHost:
         self.httpd.server_close()
 
 
-def test_url_fetch_only_when_allowed_within_its_limits(vision_bundle, server, tmp_path):
+def test_url_fetch_only_when_allowed_within_its_limits(vision_bundle, server, pipe, media_dir, tmp_path):
     png, big = _png(224, 224, seed=1), _png(320, 320, seed=3)  # IMG_A's bytes; big: over the 0.2 MiB limit
     assert len(big) > 0.2 * 2**20 >= len(png), (len(big), len(png))
-    host = _ImageHost(png, big)
+    clip = media_dir / "clip.mkv"
+    files = {"/clip.mkv": (clip.read_bytes(), "video/x-matroska")} if _HAVE_AV and clip.is_file() else {}
+    host = _ImageHost(png, big, files)
     srv = ServerProcess(vision_bundle, ["--allow-url-fetch", "--url-timeout", 2, "--max-image-mb", 0.2],
                         tmp_path / "fetch.log")
     try:
@@ -436,6 +440,12 @@ def test_url_fetch_only_when_allowed_within_its_limits(vision_bundle, server, tm
         inline = _ask(server.client(), [_user("What is this?", IMG_A)])
         assert fetched.choices[0].message.content == inline.choices[0].message.content
         assert host.paths == ["/cat.png"]
+        if files:  # a video URL too: the same answer as Pipeline on the same file
+            question = {"type": "text", "text": "What happens?"}
+            got = _ask(srv.client(), [{"role": "user", "content": [_video_part(host.url + "/clip.mkv"), question]}])
+            want = pipe.submit(messages=[{"role": "user", "content": [{"type": "video", "video": clip}, question]}],
+                               max_new_tokens=12).wait()
+            assert got.choices[0].message.content == want.text and host.paths[-1] == "/clip.mkv"
         cases = [
             ("/big.png", 413, "over the limit", "image_too_large"),
             ("/big-chunked.png", 413, "over the limit", "image_too_large"),
