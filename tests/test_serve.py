@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import serve_load  # noqa: E402  (the one launcher of a real server process, shared with the load run)
+from clips import write_clip  # noqa: E402
 
 
 def ServerProcess(bundle, args, log_path: Path, api_key: str | None = None) -> "serve_load.Server":
@@ -142,19 +143,6 @@ except ImportError:
 needs_av = pytest.mark.skipif(not _HAVE_AV, reason="PyAV (the [video] extra) is not installed")
 
 
-def _write_clip(path, frames, rate: int, codec: str = "ffv1", fmt: str | None = None) -> None:
-    """``frames`` as a video file (or file object, with ``fmt``): FFV1 (lossless) or mpeg4."""
-    with av.open(path if fmt else str(path), "w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=rate)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-
-
 def _clip_file(path) -> None:
     """8 lossless frames of 224x224 at 4 fps (4 sampled: the 224 bucket): a moving gradient and
     square, 170 KB."""
@@ -164,7 +152,7 @@ def _clip_file(path) -> None:
         f = np.stack([(x + 8 * i) % 256, (y * 2) % 256, ((x + y) // 2 + 16 * i) % 256], -1).astype(np.uint8)
         f[40 + 8 * i:100 + 8 * i, 60:120] = [250, 30, 30]
         frames.append(f)
-    _write_clip(path, frames, 4)
+    write_clip(path, frames, 4)
 
 
 def _video_part(url: str) -> dict:
@@ -601,7 +589,7 @@ def test_video_mistakes_are_openai_errors(server, tmp_path):
         for packet in [*stream.encode(frame), *stream.encode()]:
             out.mux(packet)
     long_clip = io.BytesIO()  # 20 frames of 1280x720 at 2 fps: 8800 video tokens, over the 8192 context
-    _write_clip(long_clip, [np.full((720, 1280, 3), 100, np.uint8)] * 20, 2, codec="mpeg4", fmt="mp4")
+    write_clip(long_clip, [np.full((720, 1280, 3), 100, np.uint8)] * 20, 2, codec="mpeg4", fmt="mp4")
     mp4 = lambda data: _video_part(_data_url(data, "video/mp4"))  # noqa: E731
     user = lambda part: _body({"role": "user", "content": [part, {"type": "text", "text": "hi"}]})  # noqa: E731
     cases = [

@@ -13,24 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clips import write_clip
 from qwen3vl_compile import Pipeline
 from qwen3vl_compile.runtime.cli import main as run_main
 from qwen3vl_compile.runtime.eval import main as eval_main
 
 av = pytest.importorskip("av", reason="PyAV (the [video] extra) writes the clips")
-
-
-def write_clip(path, frames: np.ndarray, rate: int, codec: str = "ffv1") -> None:
-    """``frames`` (T x H x W x 3 uint8) as a video file: FFV1 (lossless) or mpeg4."""
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=rate)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
 
 
 def noise_clip(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -49,17 +49,12 @@ def pipe(bundle):
 @pytest.fixture(scope="module")
 def lossless_file(tmp_path_factory):
     """A 2-second FFV1 (lossless) Matroska clip at 10 fps: decoded frames equal the written ones."""
-    av = pytest.importorskip("av", reason="PyAV (the [video] extra) writes the clip")
+    pytest.importorskip("av", reason="PyAV (the [video] extra) writes the clip")
+    from clips import write_clip
+
     frames = _clip(20, 256, 256, seed=7)
     path = tmp_path_factory.mktemp("clip") / "clip.mkv"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("ffv1", rate=int(FPS))
-        stream.width, stream.height, stream.pix_fmt = 256, 256, "bgr0"
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    write_clip(path, frames, int(FPS))
     return path, frames
 
 

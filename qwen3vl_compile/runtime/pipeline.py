@@ -34,7 +34,7 @@ from .sampling import Sampler, SamplingConfig
 from .scheduler import Scheduler
 from .text_side import TextSide
 from .video import Video, VideoPlan, VideoProcessorConfig, plan_video, preprocess_video
-from .vision import FeatureCache, nearest_bucket
+from .vision import nearest_bucket
 
 
 class Pipeline:
@@ -331,7 +331,7 @@ class Pipeline:
             image_token_id=self.image_token_id, video_token_id=self.video_token_id, spatial_merge_size=self.merge,
         )
         timings["embed_s"] = time.perf_counter() - t
-        media_keys = [(FeatureCache.key(p.pixel_values, p.grid_thw), r.image_features.shape[0]) for p, r in encoded]
+        media_keys = [(r.content_key, r.image_features.shape[0]) for _, r in encoded]
         return Prepared(input_ids, embeds, deepstack, positions, int(np.asarray(rope_deltas).reshape(-1)[0]),
                         image_info, timings, video_info,
                         prefix_key=_prefix_key(input_ids, (self.image_token_id, self.video_token_id), media_keys))
@@ -391,11 +391,14 @@ def _check_api_inputs(images, prompt, system, max_new_tokens) -> list:
     return list(images)
 
 
-def _prefix_key(input_ids: np.ndarray, pad_ids, media: list[tuple[bytes, int]]) -> np.ndarray:
+def _prefix_key(input_ids: np.ndarray, pad_ids, media: list[tuple[bytes, int]]) -> np.ndarray | None:
     """The prompt as the KV cache sees it: its token ids, with the pads of each image or video
     (``media``: its content hash and pad count, in prompt order) replaced by negative values
     made of that hash and the pad's index, never a token id. Two prompts share a key prefix
-    only where their caches would be the same (same tokens, same pixels)."""
+    only where their caches would be the same (same tokens, same pixels). None (never shared)
+    when a media's content is unknown."""
+    if any(not digest for digest, _ in media):
+        return None
     key = np.asarray(input_ids[0], np.int64).copy()
     pads = np.flatnonzero(np.isin(key, pad_ids))
     start = 0

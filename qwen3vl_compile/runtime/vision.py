@@ -44,6 +44,9 @@ class VisionResult:
     deepstack: np.ndarray  # [K, tokens, H]
     served_by: str  # "bucket 448", "fallback (PyTorch)", ...
     seconds: float
+    # What the features are of (FeatureCache.key of the pixels and grid; for a video, of its
+    # groups' keys): names the media in the prompt's prefix key. Empty: unknown.
+    content_key: bytes = b""
 
 
 def buckets_from_manifest(manifest: BundleManifest | dict) -> list[BucketGraph]:
@@ -202,19 +205,19 @@ class VisionEncoder:
 
     def encode(self, pixel_values: np.ndarray, grid_thw) -> VisionResult:
         """Features of one image; from the cache when the same pixels and grid were encoded
-        before (``served_by`` then ends in "(cached)")."""
+        before (``served_by`` then ends in "(cached)"). The result carries the content key."""
         import time
 
-        if self.cache is None:
-            return self._encode(pixel_values, grid_thw)
         t = time.perf_counter()
-        key = self.cache.key(pixel_values, grid_thw)
-        hit = self.cache.get(key)
+        key = FeatureCache.key(pixel_values, grid_thw)
+        hit = self.cache.get(key) if self.cache is not None else None
         if hit is not None:
             feats, deep, served_by = hit
-            return VisionResult(feats, deep, f"{served_by} (cached)", time.perf_counter() - t)
+            return VisionResult(feats, deep, f"{served_by} (cached)", time.perf_counter() - t, key)
         result = self._encode(pixel_values, grid_thw)
-        self.cache.put(key, result.image_features, result.deepstack, result.served_by)
+        result.content_key = key
+        if self.cache is not None:
+            self.cache.put(key, result.image_features, result.deepstack, result.served_by)
         return result
 
     def encode_video(self, pixel_values: np.ndarray, grid_thw) -> VisionResult:
@@ -231,7 +234,8 @@ class VisionEncoder:
         served = sorted({r.served_by for r in parts})
         return VisionResult(np.concatenate([r.image_features for r in parts]),
                             np.concatenate([r.deepstack for r in parts], axis=1),
-                            f"{', '.join(served)} ({t} groups)", sum(r.seconds for r in parts))
+                            f"{', '.join(served)} ({t} groups)", sum(r.seconds for r in parts),
+                            hashlib.blake2b(b"".join(r.content_key for r in parts), digest_size=20).digest())
 
     def _encode(self, pixel_values: np.ndarray, grid_thw) -> VisionResult:
         import time

@@ -26,6 +26,10 @@ class VideoRef:
     param: str
 
 
+# A content part type -> what it becomes in the Pipeline's messages and the reference it holds.
+MEDIA_PARTS = {"image_url": ("image", ImageRef), "video_url": ("video", VideoRef)}
+
+
 @dataclasses.dataclass
 class ChatRequest:
     messages: list[dict]  # the Pipeline's form, image / video parts holding ImageRef / VideoRef until resolved
@@ -151,26 +155,17 @@ def _messages(messages) -> tuple[list[dict], list[ImageRef], list[VideoRef]]:
                 if not isinstance(part.get("text"), str):
                     raise bad_request(f"{at}.text must be a string", f"{at}.text")
                 parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image_url":
+            elif kind in MEDIA_PARTS:
+                media, ref_type = MEDIA_PARTS[kind]
+                refs = images if media == "image" else videos
                 if role != "user":
-                    raise bad_request(f"{at}: images are only allowed in user messages", f"{at}.type")
-                ref = part.get("image_url")
+                    raise bad_request(f"{at}: {media}s are only allowed in user messages", f"{at}.type")
+                ref = part.get(kind)
                 url = ref.get("url") if isinstance(ref, dict) else ref
                 if not isinstance(url, str) or not url:
-                    raise bad_request(f"{at}.image_url.url must be a non-empty string", f"{at}.image_url")
-                image = ImageRef(url, f"{at}.image_url")
-                images.append(image)
-                parts.append({"type": "image", "image": image})
-            elif kind == "video_url":
-                if role != "user":
-                    raise bad_request(f"{at}: videos are only allowed in user messages", f"{at}.type")
-                ref = part.get("video_url")
-                url = ref.get("url") if isinstance(ref, dict) else ref
-                if not isinstance(url, str) or not url:
-                    raise bad_request(f"{at}.video_url.url must be a non-empty string", f"{at}.video_url")
-                video = VideoRef(url, f"{at}.video_url")
-                videos.append(video)
-                parts.append({"type": "video", "video": video})
+                    raise bad_request(f"{at}.{kind}.url must be a non-empty string", f"{at}.{kind}")
+                refs.append(ref_type(url, f"{at}.{kind}"))
+                parts.append({"type": media, media: refs[-1]})
             else:
                 raise bad_request(f"{at}.type {kind!r} is not supported (text, image_url, video_url)", f"{at}.type",
                                   code="unsupported_content_type")
