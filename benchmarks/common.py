@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A fresh temporary directory that is removed when the benchmark exits, on success or error:
+    the bundles and checkpoints a benchmark builds there are gigabytes at the official sizes."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def interleaved_medians(systems: dict, runs: int, warmup: int = 1) -> dict[str, float]:
@@ -50,7 +61,12 @@ def machine() -> dict:
     # What decides the INT4 kernels' speed: int8 dot products (VNNI) or not.
     isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2" if "avx2" in flags else "?"
     return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "ram_gib": round(mem / 2**30, 1),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "cpu_flags": sorted(flags & SIMD_FLAGS)}
+
+
+# The instruction sets that CPU inference kernels (ONNX Runtime's MLAS, ggml) pick between.
+SIMD_FLAGS = {"avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16"}
 
 
 def run_timed(cmd: list[str], env=None) -> tuple[float, int, str]:

@@ -54,7 +54,7 @@ class OnnxDecoder:
         self.prompt_embeds = self.embed(ids)
         self.pos = np.broadcast_to(np.arange(PROMPT), (3, 1, PROMPT)).copy()
         self.deep = np.zeros((self.sess.levels, 1, PROMPT, hidden), np.float32) if self.sess.levels else None
-        self.prefill, self.decode, self.tokens = [], [], None
+        self.prefill, self.decode, self.decode_empty, self.tokens = [], [], [], None
 
     def embed(self, tokens):
         return self.embed_session.run(["inputs_embeds"], {"input_ids": np.asarray(tokens, np.int64)[None], **self.no_img})[0]
@@ -71,9 +71,21 @@ class OnnxDecoder:
         self.decode.append(time.perf_counter() - t)
         self.tokens = out
 
+    def once_from_empty(self):
+        """Decode NEW tokens from an almost empty cache (one prompt token), as llama-bench's tg test does."""
+        logits = self.sess.prefill(self.prompt_embeds[:, :1], self.pos[:, :, :1], None if self.deep is None else self.deep[:, :, :1])
+        tok = int(np.argmax(logits[0, -1]))
+        t = time.perf_counter()
+        for i in range(NEW):
+            logits = self.sess.step(self.embed([tok]), np.full((3, 1, 1), 1 + i, np.int64))
+            tok = int(np.argmax(logits[0, -1]))
+        self.decode_empty.append(time.perf_counter() - t)
+
     def result(self):
         return {"prefill_s": float(np.median(self.prefill)), "decode_tok_s": (NEW - 1) / float(np.median(self.decode)),
-                "tokens": self.tokens, "prefill_runs": self.prefill, "decode_runs": self.decode}
+                "tokens": self.tokens, "prefill_runs": self.prefill, "decode_runs": self.decode,
+                **({"decode_empty_tok_s": NEW / float(np.median(self.decode_empty)), "decode_empty_runs": self.decode_empty}
+                   if self.decode_empty else {})}
 
 
 TORCH_SCRIPT = r"""

@@ -18,15 +18,13 @@ import json
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save, table  # noqa: E402
+from common import machine, save, scratch_dir, table  # noqa: E402
 
 PROMPT = ("Describe this image in detail: what objects are there, what colours do they have, "
           "and where are they placed relative to each other?")  # 20 words
@@ -84,7 +82,7 @@ def main() -> int:
 
     image = Image.open(Path(__file__).resolve().parent.parent / "qwen3vl_compile" / "assets" / "sample.png").convert("RGB")
     image = image.resize((args.size, args.size), Image.Resampling.BICUBIC)
-    image_path = Path(tempfile.mkdtemp()) / f"sample_{args.size}.png"
+    image_path = scratch_dir("e2e-bench-") / f"sample_{args.size}.png"
     image.save(image_path)
     t = time.perf_counter()
     pipe = Pipeline.load(args.bundle, threads=args.threads)

@@ -13,10 +13,15 @@ Steps, in sequence (never two at once: each would steal the other's cores):
    [and PyTorch eager with ``--torch``: ~17 GB]
 4. ``e2e_bench.py``: one 448 image + 20 words, 64 tokens, ours vs onnxruntime-genai's pipeline
    on the same bundle
-5. ``perf_table.py``: the table the README quotes
+5. ``llamacpp_bench.py`` (with ``--llama-cpp DIR``, and ``--sdist FILE`` to unpack llama.cpp's
+   sources from the ``llama-cpp-python`` sdist): llama.cpp Q4_0 / Q4_K_M and its f16 mmproj beside
+   our decoders (block 32 and 128) and the 448 vision bucket in fp32 and in int8 (a vision-only
+   bundle compiled with ``--vision-precision int8``)
+6. ``perf_table.py``: the table the README quotes
 
 An existing bundle or builder output under ``--work`` is reused (``--fresh`` rebuilds);
-``--steps vision,decoder`` reruns only those steps (the table is always printed).
+``--steps vision,decoder`` reruns only those steps (the table is always printed). Each step is
+one command that fits in well under 40 minutes on 2 cores, so a run can be done in pieces.
 """
 
 from __future__ import annotations
@@ -46,13 +51,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--torch", action="store_true", help="also time PyTorch eager fp32 in the decoder benchmark")
     ap.add_argument("--fresh", action="store_true", help="rebuild the bundle and the builder's decoder")
-    ap.add_argument("--steps", default="vision,decoder,e2e", help="which benchmark steps to run (default: all)")
+    ap.add_argument("--steps", default="vision,decoder,e2e,llamacpp", help="which benchmark steps to run (default: all)")
+    ap.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp source tree for the llamacpp step")
+    ap.add_argument("--sdist", type=Path, default=None, help="llama-cpp-python sdist to unpack llama.cpp from")
     args = ap.parse_args()
     steps = set(args.steps.split(","))
     py = sys.executable
     bundle, genai, b128 = args.work / "4b-int4", args.work / "genai-int4", args.work / "4b-int4-block128"
+    v8 = args.work / "4b-vision-int8"
     if args.fresh:
-        for d in (bundle, genai, b128):
+        for d in (bundle, genai, b128, v8):
             shutil.rmtree(d, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
 
@@ -73,10 +81,10 @@ def main() -> int:
         for b in ("448", "896"):
             step(f"vision {b}", [py, str(HERE / "vision_bench.py"), "--bundle", str(bundle), "--bucket", b,
                                  "--threads", str(args.threads)])
+    if steps & {"decoder", "llamacpp"} and not (b128 / "manifest.json").is_file():
+        step("decoder with --block-size 128", [py, "-m", "qwen3vl_compile.cli", "--model", "qwen3-vl-4b", "--graphs", "decoder",
+                                               "--block-size", "128", "--threads", str(args.threads), "-o", str(b128), "-q"])
     if "decoder" in steps:
-        if not (b128 / "manifest.json").is_file():
-            step("decoder with --block-size 128", [py, "-m", "qwen3vl_compile.cli", "--model", "qwen3-vl-4b", "--graphs", "decoder",
-                                                   "--block-size", "128", "--threads", str(args.threads), "-o", str(b128), "-q"])
         dec = [py, str(HERE / "decoder_bench.py"), "--bundle", str(bundle), "--genai", str(genai), "--threads", str(args.threads),
                "--extra", f"qwen3vl-compile INT4 --block-size 128={b128 / 'decoder.onnx'}"]
         if not (genai / "model.onnx").is_file():
@@ -86,6 +94,18 @@ def main() -> int:
         step("decoder", dec)
     if "e2e" in steps:
         step("end to end", [py, str(HERE / "e2e_bench.py"), "--bundle", str(bundle), "--threads", str(args.threads)])
+    if "llamacpp" in steps:
+        if not (v8 / "manifest.json").is_file():
+            step("vision 448 in int8", [py, "-m", "qwen3vl_compile.cli", "--model", "qwen3-vl-4b", "--graphs", "vision",
+                                        "--buckets", "448", "--vision-precision", "int8", "--threads", str(args.threads),
+                                        "-o", str(v8), "-q"])
+        cmd = [py, str(HERE / "llamacpp_bench.py"), "--bundle", str(bundle), "--bundle", str(b128), "--vision-int8", str(v8),
+               "--threads", str(args.threads)]
+        if args.llama_cpp:
+            cmd += ["--llama-cpp", str(args.llama_cpp), "--work", str(args.work / "gguf")]
+        if args.sdist:
+            cmd += ["--sdist", str(args.sdist)]
+        step("llama.cpp side by side", cmd)
     step("table", [py, str(HERE / "perf_table.py"), "--bundle", str(bundle)])
     return 0
 

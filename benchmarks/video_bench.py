@@ -26,14 +26,13 @@ import argparse
 import datetime
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save, table  # noqa: E402
+from common import machine, save, scratch_dir, table  # noqa: E402
 
 
 def write_clip(path: Path, seconds: float, fps: int, size: int) -> Path:
@@ -76,7 +75,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     started = datetime.datetime.now().astimezone()
-    scratch = Path(tempfile.mkdtemp(prefix="video_bench-"))
+    scratch = scratch_dir("video_bench-")
     clip = write_clip(scratch / "clip.mp4", args.seconds, args.clip_fps, args.size)
     print(f"clip: {args.seconds:g} s at {args.clip_fps} fps, {args.size}x{args.size}, {clip.stat().st_size} bytes",
           flush=True)

@@ -17,13 +17,11 @@ import argparse
 import datetime
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, machine, run_timed, save, table  # noqa: E402
+from common import interleaved_medians, machine, run_timed, save, scratch_dir, table  # noqa: E402
 
 
 def main() -> int:
@@ -50,7 +48,7 @@ def main() -> int:
 
     bucket = parse_bucket(args.bucket)
     path = resolve_model_source(args.model, log=print)
-    work = Path(tempfile.mkdtemp(prefix="vision-bench-"))
+    work = scratch_dir("vision-bench-")
 
     # 1. The compile, as a user runs it (or an existing bundle's record of it).
     if args.bundle:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, machine, save, table  # noqa: E402
+from common import interleaved_medians, machine, save, scratch_dir, table  # noqa: E402
 
 GRIDS = [(1, 20, 14), (1, 16, 36), (1, 30, 30), (1, 8, 12)]
 
@@ -147,7 +146,7 @@ def main() -> int:
     ap.add_argument("--name", default=None, help="results file name (default vision_int8_<model>)")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="vision-int8-"))
+    work = scratch_dir("vision-int8-")
     g_rows, g_cols, g_rec = granularity([m for m in args.accuracy_models.split(",") if m], work)
     s_rows, s_rec = speed(args.model, args.buckets.split(","), args.threads, args.runs, work)
 
