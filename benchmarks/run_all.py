@@ -7,7 +7,8 @@ Steps, in sequence (never two at once: each would steal the other's cores):
 1. compile the ``qwen3-vl-4b`` preset (real config, random weights): buckets 448 and 896, the
    any-size graph, INT4 decoder, ``--target ort-genai``, every parity check, under
    /usr/bin/time (wall and peak RSS of the whole process) -> ``results/compile_4b.json``
-2. ``vision_bench.py`` on that bundle's 448 and 896 buckets (PyTorch eager, plain export, ours)
+2. ``vision_bench.py`` on that bundle's 448 and 896 buckets (PyTorch eager, plain export, ours,
+   and ours compiled with ``--vision-precision int8`` in a vision-only bundle)
 3. ``decoder_bench.py``: our INT4 decoder vs onnxruntime-genai's builder INT4 decoder (built
    here, timed), and our decoder built with ``--block-size 128`` (the block-size lever)
    [and PyTorch eager with ``--torch``: ~17 GB]
@@ -15,8 +16,7 @@ Steps, in sequence (never two at once: each would steal the other's cores):
    on the same bundle
 5. ``llamacpp_bench.py`` (with ``--llama-cpp DIR``, and ``--sdist FILE`` to unpack llama.cpp's
    sources from the ``llama-cpp-python`` sdist): llama.cpp Q4_0 / Q4_K_M and its f16 mmproj beside
-   our decoders (block 32 and 128) and the 448 vision bucket in fp32 and in int8 (a vision-only
-   bundle compiled with ``--vision-precision int8``)
+   our decoders (block 32 and 128) and the 448 vision bucket in fp32 and in int8
 6. ``perf_table.py``: the table the README quotes
 
 An existing bundle or builder output under ``--work`` is reused (``--fresh`` rebuilds);
@@ -77,10 +77,14 @@ def main() -> int:
         print(text)
         save("compile_4b", {"date": date, "machine": machine(), "wall_s": wall, "peak_rss_bytes": rss,
                             "command": cmd[2:], "stage_seconds": m["timings"]}, text)
+    if steps & {"vision", "llamacpp"} and not (v8 / "manifest.json").is_file():
+        step("vision in int8", [py, "-m", "qwen3vl_compile.cli", "--model", "qwen3-vl-4b", "--graphs", "vision",
+                                "--buckets", "448,896", "--vision-precision", "int8", "--threads", str(args.threads),
+                                "-o", str(v8), "-q"])
     if "vision" in steps:
         for b in ("448", "896"):
             step(f"vision {b}", [py, str(HERE / "vision_bench.py"), "--bundle", str(bundle), "--bucket", b,
-                                 "--threads", str(args.threads)])
+                                 "--int8", str(v8), "--threads", str(args.threads)])
     if steps & {"decoder", "llamacpp"} and not (b128 / "manifest.json").is_file():
         step("decoder with --block-size 128", [py, "-m", "qwen3vl_compile.cli", "--model", "qwen3-vl-4b", "--graphs", "decoder",
                                                "--block-size", "128", "--threads", str(args.threads), "-o", str(b128), "-q"])
@@ -95,10 +99,6 @@ def main() -> int:
     if "e2e" in steps:
         step("end to end", [py, str(HERE / "e2e_bench.py"), "--bundle", str(bundle), "--threads", str(args.threads)])
     if "llamacpp" in steps:
-        if not (v8 / "manifest.json").is_file():
-            step("vision 448 in int8", [py, "-m", "qwen3vl_compile.cli", "--model", "qwen3-vl-4b", "--graphs", "vision",
-                                        "--buckets", "448", "--vision-precision", "int8", "--threads", str(args.threads),
-                                        "-o", str(v8), "-q"])
         cmd = [py, str(HERE / "llamacpp_bench.py"), "--bundle", str(bundle), "--bundle", str(b128), "--vision-int8", str(v8),
                "--threads", str(args.threads)]
         if args.llama_cpp:

@@ -7,7 +7,8 @@ Steps, all in one run:
    the whole compile (export + passes + parity), and its parity figures.
 2. The same bucket exported without the attention fusion ("plain export"), for the record.
 3. Median latency over ``--runs`` runs (after one warm-up) of: PyTorch eager fp32 (unpatched
-   Hugging Face tower), ONNX Runtime on the plain export, ONNX Runtime on the compiled graph,
+   Hugging Face tower), ONNX Runtime on the plain export, ONNX Runtime on the compiled graph
+   (and on the same bucket compiled with ``--vision-precision int8``, given ``--int8 BUNDLE``),
    all with ``--threads`` threads, on the same random input.
 """
 
@@ -34,6 +35,7 @@ def main() -> int:
     ap.add_argument("--bundle", type=Path, default=None,
                     help="use this already compiled bundle (its manifest gives compile figures) instead of compiling")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain-export row")
+    ap.add_argument("--int8", type=Path, default=None, help="a bundle with this bucket compiled with --vision-precision int8")
     args = ap.parse_args()
 
     from qwen3vl_compile.runtime.session import ort_session
@@ -96,14 +98,19 @@ def main() -> int:
         systems["plain"] = lambda: s_plain.run(None, {"pixel_values": x})
     s_ours = session(out / f"{graph}.onnx")
     systems["ours"] = lambda: s_ours.run(None, {"pixel_values": x})
+    if args.int8:
+        s_int8 = session(args.int8 / f"{graph}.onnx")
+        systems["int8"] = lambda: s_int8.run(None, {"pixel_values": x})
     times = interleaved_medians(systems, args.runs)
     t_eager, t_ours = times["eager"], times["ours"]
-    t_plain = times.get("plain")
+    t_plain, t_int8 = times.get("plain"), times.get("int8")
 
     rows = [["PyTorch eager fp32 (transformers)", f"{t_eager:.3f}", "1.00"]]
     if t_plain is not None:
         rows.append(["ONNX Runtime, plain export", f"{t_plain:.3f}", f"{t_plain / t_eager:.2f}"])
     rows.append(["ONNX Runtime, qwen3vl-compile", f"{t_ours:.3f}", f"{t_ours / t_eager:.2f}"])
+    if t_int8 is not None:
+        rows.append(["ONNX Runtime, qwen3vl-compile --vision-precision int8", f"{t_int8:.3f}", f"{t_int8 / t_eager:.2f}"])
     date = datetime.date.today().isoformat()
     m = machine()
     md = [
@@ -122,7 +129,7 @@ def main() -> int:
         args.name or f"vision_{args.model}_{bucket.name}",
         {
             "date": date, "machine": m, "model": args.model, "bucket": bucket.to_json(), "threads": args.threads,
-            "runs": args.runs, "eager_s": t_eager, "ort_plain_s": t_plain, "ort_compiled_s": t_ours,
+            "runs": args.runs, "eager_s": t_eager, "ort_plain_s": t_plain, "ort_compiled_s": t_ours, "ort_int8_s": t_int8,
             "compile_wall_s": compile_wall, "compile_peak_rss_bytes": compile_rss, "export_s": export_seconds,
             "parity_max_rel": worst_rel,
         },
