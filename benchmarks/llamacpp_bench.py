@@ -60,12 +60,18 @@ TESTS = {  # name -> llama-bench arguments
 SETTINGS = {"repack (default)": [], "repack, -ub 1": ["-ub", "1"], "--repack 0": ["--repack", "0"]}
 IMAGE_PROMPT = "Describe this image."
 CONVERT = r"""
-import runpy, sys
+import os, runpy, sys
 src, args = sys.argv[1], sys.argv[2:]
 sys.path[0:0] = [src, src + "/gguf-py"]
 from conversion import base
 # The preset tokenizer is a stand-in for the official one: map its unknown hash to Qwen3-VL's pre-tokenizer.
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+if not os.path.isfile(os.path.join(args[0], "tokenizer.model")):
+    # Qwen's converter tries a SentencePiece model first and takes the BPE vocab when the file is
+    # missing; answer that without importing sentencepiece (not installed here, not needed).
+    def no_sentencepiece(self):
+        raise FileNotFoundError("no tokenizer.model")
+    base.TextModel._create_vocab_sentencepiece = no_sentencepiece
 sys.argv = [src + "/convert_hf_to_gguf.py", *args]
 runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
 """
