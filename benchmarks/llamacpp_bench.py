@@ -177,13 +177,17 @@ def llama_bench_info(bin_dir: Path, model: Path, threads: int) -> dict:
     return {k: row.get(k) for k in ("build_commit", "build_number", "cpu_info", "model_type", "model_size", "model_n_params")}
 
 
-def mtmd_encode(bin_dir: Path, model: Path, mmproj: Path, image: Path, threads: int) -> float:
+def mtmd_encode(bin_dir: Path, model: Path, mmproj: Path, image: Path, threads: int) -> tuple[float, int]:
+    """Seconds llama-mtmd-cli spends in its vision encoder for one image, and the image tokens it
+    made (its verbose log; the encoder's own timer, not the prompt decode that follows)."""
     proc = sh([bin_dir / "llama-mtmd-cli", "-m", model, "--mmproj", mmproj, "--image", image, "-p", IMAGE_PROMPT,
-               "-n", "1", "-c", "4096", "-t", threads, "--temp", "0"])
-    ms = [int(m) for m in re.findall(r"slice encoded in (\d+) ms", proc.stdout + proc.stderr)]
+               "-n", "1", "-c", "4096", "-t", threads, "--temp", "0", "-v"])
+    log = proc.stdout + proc.stderr
+    ms = [int(m) for m in re.findall(r"(?:slice encoded in|mtmd batch encoding done in) (\d+) ms", log)]
+    tokens = [int(t) for t in re.findall(r"encoding batch with \d+ entries and total (\d+) tokens", log)]
     if not ms:
-        raise SystemExit("llamacpp_bench: llama-mtmd-cli printed no 'slice encoded' time")
-    return sum(ms) / 1000
+        raise SystemExit("llamacpp_bench: llama-mtmd-cli printed no encoding time")
+    return sum(ms) / 1000, sum(tokens)
 
 
 def main() -> int:
@@ -268,8 +272,9 @@ def main() -> int:
             ours[name].setdefault("decode@0", []).append(NEW / d.decode_empty[-1])
             log(f"{name}: prefill {PROMPT / d.prefill[-1]:.1f} tok/s, decode @{PROMPT} {(NEW - 1) / d.decode[-1]:.2f}, "
                 f"@0 {NEW / d.decode_empty[-1]:.2f} tok/s")
-        mtmd.append(mtmd_encode(bin_dir, gguf[quants[0]], gguf["mmproj"], image, args.threads))
-        log(f"llama.cpp mmproj f16 448 encode: {mtmd[-1]:.2f} s")
+        seconds, image_tokens = mtmd_encode(bin_dir, gguf[quants[0]], gguf["mmproj"], image, args.threads)
+        mtmd.append(seconds)
+        log(f"llama.cpp mmproj f16 448 encode: {seconds:.2f} s, {image_tokens} image tokens (ours: {bucket.num_tokens})")
         for name, s in vision.items():
             t = time.perf_counter()
             s.run(None, {"pixel_values": pixels})
@@ -301,7 +306,8 @@ def main() -> int:
                          f"{read / 1e9:.2f} GB, floor {bandwidth / read:.1f} tok/s ({100 * v / (bandwidth / read):.0f}%)"
                          if test.startswith("decode") else ""])
     enc = med(mtmd)
-    rows.append(["llama.cpp mmproj f16", "448 image encode", f"{enc:.2f} s", ""])
+    record["image_tokens"] = {"llama.cpp": image_tokens, "ours": bucket.num_tokens}
+    rows.append(["llama.cpp mmproj f16", "448 image encode", f"{enc:.2f} s ({image_tokens} image tokens)", ""])
     for name in vision:
         v = med(ours[name]["vision"])
         rows.append([name, "448 image encode", f"{v:.2f} s, {enc / v:.2f}x llama.cpp's speed", ""])
