@@ -2,7 +2,7 @@
 threads, one run with the systems alternating.
 
     python benchmarks/llamacpp_bench.py --bundle B32 --bundle B128 --vision-int8 V8 \\
-        --llama-cpp /work/llama/src --sdist llama_cpp_python-0.3.36.tar.gz --threads 2 --rounds 2
+        --llama-cpp /work/llama/src --sdist llama_cpp_python-0.3.36.tar.gz --threads 2 --rounds 3
 
 ``--bundle``: our INT4 bundles (each labelled by its ``--block-size``; the first one must hold the
 448 vision bucket, fp32, and the embedding graph, which a decoder-only bundle borrows), ``--vision-int8``: a bundle compiled with ``--graphs vision --buckets 448
@@ -199,7 +199,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None, help="where the GGUF files go (default: LLAMA_CPP/qwen3vl-gguf)")
     ap.add_argument("--quants", default="Q4_0,Q4_K_M")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--name", default="llamacpp_4b")
     args = ap.parse_args()
 
