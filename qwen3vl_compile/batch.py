@@ -57,7 +57,8 @@ def connected(address: str | None = None, **init_kwargs):
         return
     kwargs = {"address": address} if address else {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
     try:
-        ray.init(**kwargs, **init_kwargs, logging_level="warning", log_to_driver=False)
+        with _quiet(None):  # its notices (token authentication, ...) are in its logs
+            ray.init(**kwargs, **init_kwargs, logging_level="warning", log_to_driver=False)
     except Exception as e:  # noqa: BLE001 - ray.init raises ConnectionError, RuntimeError, ValueError...
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         raise RayError(f"cannot start or join {where}: {_first_line(e)}") from None
