@@ -130,3 +130,23 @@ def test_without_ray_the_extra_is_named(text_bundle, monkeypatch, capsys):
     rc = main([str(text_bundle), "--ray", "--port", "0"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and err == "qwen3vl-serve: error: [ray] --ray needs the [ray] extra: pip install 'qwen3vl-compile[ray]'", err
+
+
+def test_serve_run_builder_takes_the_commands_options(text_bundle, tmp_path):
+    """``serve run qwen3vl_compile.serve.ray_serve:app_builder bundle=OUT ...`` (the README's config
+    file): the options are qwen3vl-serve's own, checked by it; no Ray instance is started here."""
+    pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    from qwen3vl_compile.errors import UsageError
+    from qwen3vl_compile.serve.ray_serve import app_builder
+
+    app = app_builder({"bundle": str(text_bundle), "replicas": "2", "threads": "1", "max_batch": "2",
+                       "no_prefix_reuse": "true"})
+    d = app._bound_deployment
+    assert d.num_replicas == 2 and d.ray_actor_options["num_cpus"] == 1
+    bundle, load, options = d.init_args
+    assert bundle == str(text_bundle.resolve()) and load["max_batch"] == 2 and load["reuse_prefix"] is False
+    assert options.model_name == "tiny-random"
+    app = app_builder({"bundle": str(text_bundle), "autoscale": "1:3"})
+    assert app._bound_deployment._deployment_config.autoscaling_config.max_replicas == 3
+    with pytest.raises(UsageError, match="--autoscale '0:0'"):
+        app_builder({"bundle": str(text_bundle), "autoscale": "0:0"})
