@@ -49,7 +49,7 @@ def import_ray():
 @contextlib.contextmanager
 def connected(address: str | None = None, **init_kwargs):
     """Ray for the length of the block: the instance this process already has, else the
-    cluster at ``address``, else a local instance (bound to this machine, no dashboard) that is
+    cluster at ``address``, else a local instance (node address 127.0.0.1, no dashboard UI) that is
     shut down at the end."""
     ray = import_ray()
     if ray.is_initialized():

@@ -4,7 +4,7 @@ without ``--ray``; an item that fails is recorded with its error (the others are
 corrupt bundle stops the run in one line; the options are checked in one place, and a slim
 install is told which extra to install.
 
-Ray runs locally, bound to loopback, with 2 CPUs and a small object store; the fixture always
+Ray runs locally (node address 127.0.0.1), with 2 CPUs and a small object store; the fixture always
 shuts it down."""
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def test_two_replicas_answer_as_the_single_process_server(vision_bundle, single_
         with pytest.raises(openai.NotFoundError):
             server.client().chat.completions.create(model="nope", messages=REQUESTS[0], max_tokens=2)
         assert "qwen3vl_requests_total" in httpx.get(server.url + "/metrics", timeout=30).text
-        assert server.stop() == 0
+        assert server.stop(timeout=120) == 0  # Serve, its replicas and the local Ray instance shut down
     log = (tmp_path / "ray.log").read_text()
     assert "with 2 replica(s) on Ray Serve at http://127.0.0.1:" in log and "stopped" in log, log
 

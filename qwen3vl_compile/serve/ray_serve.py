@@ -39,11 +39,14 @@ class Replica:
 def deployment(bundle: str, load: dict, options, *, replicas: int = 1, autoscale: tuple[int, int] | None = None):
     """The bound Ray Serve application: ``replicas`` replicas (or ``autoscale`` = (MIN, MAX)),
     each of ``load["threads"]`` Ray CPUs (at least 1), as many requests in flight per replica as
-    its engine admits (its slots and waiting queue: more get the app's own 429)."""
+    its engine admits (its slots and waiting queue: more get the app's own 429); a replica that
+    stops lets its running requests finish for ``options.shutdown_timeout`` seconds, as the
+    single-process server does."""
     from ray import serve
 
     in_flight = max(1, load.get("max_batch", 1) + (load.get("max_waiting") or 0))
-    settings = {"ray_actor_options": {"num_cpus": max(1, load.get("threads") or 0)}, "max_ongoing_requests": in_flight}
+    settings = {"ray_actor_options": {"num_cpus": max(1, load.get("threads") or 0)}, "max_ongoing_requests": in_flight,
+                "graceful_shutdown_timeout_s": options.shutdown_timeout, "graceful_shutdown_wait_loop_s": 0.5}
     if autoscale is not None:
         low, high = autoscale
         settings["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),
@@ -65,34 +68,40 @@ def serve_replicas(args, make_options, load: dict) -> int:
     manifest = load_manifest(Path(args.bundle))  # here, at once: not a bundle (replicas check every file)
     options = make_options(model_name(args, manifest))
     stop = threading.Event()
-    with connected(args.ray_address):  # Ray for as long as we serve
-        from ray import serve
+    previous = {}
+    try:
+        with connected(args.ray_address):  # Ray for as long as we serve
+            from ray import serve
 
-        app = deployment(args.bundle, load, options, replicas=args.replicas, autoscale=args.autoscale)
-        try:
-            with _quiet(None):
-                serve.start(http_options={"host": args.host, "port": args.port})
-                serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        except Exception as e:  # noqa: BLE001 - Ray Serve's errors: ours inside (a refused bundle) or its own
-            with _quiet(None):
-                why = _deployment_message(serve)
-                serve.shutdown()
-            ours = own_error(RuntimeError(f"{e}\n{why}"))
-            if ours is not None:
-                raise type(ours)(f"no replica started: {ours.args[0]}", stage=ours.stage) from None
-            raise RayError(f"the deployment did not start: {type(e).__name__}: {_first(e)}") from None
-        count = f"{args.autoscale[0]} to {args.autoscale[1]} replicas" if args.autoscale else f"{args.replicas} replica(s)"
-        say(f"serving {options.model_name!r} with {count} on Ray Serve at {_url(args.host, args.port)}"
-            + (" with an API key" if args.api_key else ""))
-        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            while not stop.wait(0.5):
-                pass
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            with _quiet(None):
-                serve.shutdown()
+            # From here on (Serve's start included; after ray.init, which sets its own SIGTERM
+            # handler), SIGTERM or Ctrl-C stops the server cleanly: Serve and Ray shut down, exit 0.
+            previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+            app = deployment(args.bundle, load, options, replicas=args.replicas, autoscale=args.autoscale)
+            try:
+                with _quiet(None):
+                    serve.start(http_options={"host": args.host, "port": args.port})
+                    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+            except Exception as e:  # noqa: BLE001 - Ray Serve's errors: ours inside (a refused bundle) or its own
+                with _quiet(None):
+                    why = _deployment_message(serve)
+                    serve.shutdown()
+                ours = own_error(RuntimeError(f"{e}\n{why}"))
+                if ours is not None:
+                    raise type(ours)(f"no replica started: {ours.args[0]}", stage=ours.stage) from None
+                raise RayError(f"the deployment did not start: {type(e).__name__}: {_first(e)}") from None
+            count = f"{args.autoscale[0]} to {args.autoscale[1]} replicas" if args.autoscale else f"{args.replicas} replica(s)"
+            say(f"serving {options.model_name!r} with {count} on Ray Serve at {_url(args.host, args.port)}"
+                + (" with an API key" if args.api_key else ""))
+            try:
+                while not stop.wait(0.5):
+                    pass
+            finally:
+                with _quiet(None):
+                    serve.shutdown()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     say("stopped")
     return 0
 
