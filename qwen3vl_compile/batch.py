@@ -176,12 +176,14 @@ def _bound(cls, *args, **kwargs):
 
 def answer_items(bundle, items: list, *, actors: int = 1, threads: int = 0, max_new_tokens: int = 16,
                  on_miss: str = "fallback", public_key=None, skip_hash_check: bool = False,
-                 address: str | None = None, source=None, progress=None):
+                 address: str | None = None, source=None, progress=None, actor_start_timeout: float = 600):
     """``items`` (:class:`~qwen3vl_compile.runtime.eval.EvalItem`) answered on Ray Data by
     ``actors`` actors of ``threads`` ONNX Runtime threads each (and as many Ray CPUs; 0: one
     CPU, ONNX Runtime's default threads), as a
     :class:`~qwen3vl_compile.runtime.eval.SystemResult` in the items' order with each item's
-    error (None when answered). ``progress(done, total)`` is called as answers arrive."""
+    error (None when answered). ``progress(done, total)`` is called as answers arrive. Actors that
+    have not all started after ``actor_start_timeout`` seconds (a cluster without the CPUs they
+    ask for, workers killed by Ray's memory monitor) stop the run with a RayError, never a hang."""
     from .bundle.check import open_checked
     from .options import check_threads, whole_number
     from .runtime.eval import SystemResult
@@ -199,6 +201,7 @@ def answer_items(bundle, items: list, *, actors: int = 1, threads: int = 0, max_
     with _quiet(progress) as progress, connected(address) as ray:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # ours below: one bar, as without --ray
+        context.wait_for_min_actors_s = max(1, round(actor_start_timeout))
         blocks = min(len(rows), max(64, 4 * actors))
         actor_class = _bound(Answerer, bundle, threads=threads, on_miss=on_miss, max_new_tokens=max_new_tokens,
                              public_key=None if public_key is None else str(public_key),

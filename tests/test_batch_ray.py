@@ -140,6 +140,17 @@ def test_a_corrupt_bundle_stops_the_run_in_one_line(ray_local, trained_bundle, h
     assert not (tmp_path / "a.jsonl").exists()
 
 
+@pytest.mark.slow  # starts Ray Data (whose actors cannot start)
+def test_actors_that_cannot_start_stop_the_run_instead_of_hanging(ray_local, text_bundle):
+    """Each actor asks for --threads Ray CPUs: 4 on this 2-CPU instance never start, and the run
+    ends with one [ray] error after the actor start timeout."""
+    from qwen3vl_compile.batch import RayError, answer_items
+    from qwen3vl_compile.runtime.eval import EvalItem
+
+    with pytest.raises(RayError, match=r"the actor pool failed after 0 of 1 items: .*Timed out while starting actors"):
+        answer_items(text_bundle, [EvalItem(1, (), "hi", "a")], threads=4, actor_start_timeout=5)
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--actors", "2"], "[arguments] --actors needs --ray"),
     (["--ray-address", "ray://x:1"], "[arguments] --ray-address needs --ray"),
