@@ -10,6 +10,6 @@ if [ -f "$stamp" ]; then exit 0; fi
 python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q torch==2.13.0
-"$VENV/bin/python" -m pip install -q -e ".[compile,genai,sign,serve,test]"
+"$VENV/bin/python" -m pip install -q -e ".[compile,genai,sign,serve,ray,test]"
 rm -f "$VENV"/.installed-*
 touch "$stamp"

@@ -15,6 +15,12 @@ context with its images and videos, is refused with the file's name and the line
 checkpoint the bundle was compiled from (the manifest records its config's sha256).
 Answers are scored case-insensitively; ``contains`` matches the answer as whole words only
 (``5`` is not found in ``<unused1250>``).
+
+The items may be a Parquet file (``.parquet``: the same fields as columns; needs the ``[ray]``
+extra). ``--output FILE`` writes each item's answer, scores, seconds and error (JSONL, or Parquet
+by its suffix). ``--ray [--actors N] [--ray-address ADDR]`` answers the items on a Ray Data actor
+pool (:mod:`qwen3vl_compile.batch`) with the same scores; there an item that fails (once the file
+has been checked) is recorded with its error and scored as wrong instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import LoadError, RuntimeInputError
+from ..errors import LoadError, OutputError, RuntimeInputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,17 +46,29 @@ class EvalItem:
 
 
 def load_items(path: Path) -> list[EvalItem]:
-    """Parse and check every line; raise RuntimeInputError naming the first bad one."""
+    """Parse and check every line (JSONL) or row (``.parquet``, needs pyarrow: the ``[ray]``
+    extra); raise RuntimeInputError naming the first bad one."""
     path = Path(path)
     if path.is_dir():
         raise RuntimeInputError(f"{path}: is a directory; give the JSONL items file")
     if not path.is_file():
         raise RuntimeInputError(f"{path}: not found")
+    if path.suffix == ".parquet":
+        rows = ((n, f"{path.name} row {n}", obj) for n, obj in enumerate(_parquet_rows(path), 1))
+    else:
+        rows = _jsonl_rows(path)
+    out = [_item(obj, n, where, path) for n, where, obj in rows]
+    if not out:
+        raise RuntimeInputError(f"{path}: no items (one JSON object per line)")
+    return out
+
+
+def _jsonl_rows(path: Path):
+    """``(line number, where, object)`` of each non-blank line."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise RuntimeInputError(f"{path}: unreadable ({e})") from None
-    out = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -59,29 +77,42 @@ def load_items(path: Path) -> list[EvalItem]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise RuntimeInputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise RuntimeInputError(f"{where}: not a JSON object")
-        prompt, answer = obj.get("prompt"), obj.get("answer")
-        media = {}
-        for key in ("images", "videos"):
-            value = obj.get(key, [])
-            if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
-                raise RuntimeInputError(f"{where}: \"{key}\" must be a list of paths")
-            media[key] = _paths(value, key[:-1], path, where)
-        for key, value in (("prompt", prompt), ("answer", answer)):
-            if not isinstance(value, str) or not value.strip():
-                raise RuntimeInputError(f"{where}: \"{key}\" must be a non-empty string")
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as e:  # a lone surrogate such as "\\ud800"
-                raise RuntimeInputError(f"{where}: \"{key}\" is not valid Unicode text (lone surrogate "
-                                        f"U+{ord(value[e.start]):04X} at character {e.start})") from None
-        kind = obj.get("kind")
-        out.append(EvalItem(n, media["images"], prompt, answer, kind if isinstance(kind, str) else None,
-                            media["videos"]))
-    if not out:
-        raise RuntimeInputError(f"{path}: no items (one JSON object per line)")
-    return out
+        yield n, where, obj
+
+
+def _parquet_rows(path: Path) -> list:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise RuntimeInputError(f"{path}: Parquet items need pyarrow: pip install 'qwen3vl-compile[ray]'") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors have no common base of their own
+        raise RuntimeInputError(f"{path}: unreadable as Parquet ({type(e).__name__}: {e})") from None
+    return [{k: v for k, v in row.items() if v is not None} for row in rows]  # a null column is a field left out
+
+
+def _item(obj, n: int, where: str, path: Path) -> EvalItem:
+    """One line's (or row's) object as an item, its fields and files checked."""
+    if not isinstance(obj, dict):
+        raise RuntimeInputError(f"{where}: not a JSON object")
+    prompt, answer = obj.get("prompt"), obj.get("answer")
+    media = {}
+    for key in ("images", "videos"):
+        value = obj.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
+            raise RuntimeInputError(f"{where}: \"{key}\" must be a list of paths")
+        media[key] = _paths(value, key[:-1], path, where)
+    for key, value in (("prompt", prompt), ("answer", answer)):
+        if not isinstance(value, str) or not value.strip():
+            raise RuntimeInputError(f"{where}: \"{key}\" must be a non-empty string")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate such as "\\ud800"
+            raise RuntimeInputError(f"{where}: \"{key}\" is not valid Unicode text (lone surrogate "
+                                    f"U+{ord(value[e.start]):04X} at character {e.start})") from None
+    kind = obj.get("kind")
+    return EvalItem(n, media["images"], prompt, answer, kind if isinstance(kind, str) else None, media["videos"])
 
 
 def _paths(names: list[str], what: str, items_file: Path, where: str) -> tuple[Path, ...]:
@@ -127,9 +158,18 @@ def score(prediction: str, answer: str) -> tuple[bool, bool]:
 
 @dataclasses.dataclass
 class SystemResult:
+    """One system's answer to each item and the seconds it took. ``errors``: the error of each
+    item that failed (None for the others; ``qwen3vl-eval --ray`` records a failed item instead of
+    stopping), whose prediction is then empty and scored as wrong."""
+
     name: str
     predictions: list[str]
     seconds: list[float]
+    errors: list[str | None] | None = None
+
+    @property
+    def failed(self) -> int:
+        return sum(e is not None for e in self.errors or ())
 
     def accuracy(self, items: list[EvalItem]) -> dict:
         exact = [score(p, it.answer)[0] for p, it in zip(self.predictions, items)]
@@ -144,7 +184,8 @@ class SystemResult:
     def subset(self, indices) -> "SystemResult":
         """The same system's answers on the items at ``indices`` only."""
         indices = list(indices)
-        return SystemResult(self.name, [self.predictions[i] for i in indices], [self.seconds[i] for i in indices])
+        return SystemResult(self.name, [self.predictions[i] for i in indices], [self.seconds[i] for i in indices],
+                            None if self.errors is None else [self.errors[i] for i in indices])
 
 
 def answer_all(name: str, answer, items: list[EvalItem], progress=None) -> SystemResult:
@@ -242,6 +283,8 @@ def _all_frames(path: Path) -> tuple:
 
 def report(items: list[EvalItem], bundle: SystemResult, reference: SystemResult | None) -> dict:
     out = {"items": len(items), "bundle": bundle.accuracy(items)}
+    if bundle.failed:
+        out["failed"] = [{"line": it.line, "error": e} for it, e in zip(items, bundle.errors) if e is not None]
     if reference is not None:
         out["reference"] = reference.accuracy(items)
         same = [normalize(a) == normalize(b) for a, b in zip(bundle.predictions, reference.predictions)]
@@ -249,6 +292,39 @@ def report(items: list[EvalItem], bundle: SystemResult, reference: SystemResult 
         out["differences"] = [{"line": it.line, "prompt": it.prompt, "answer": it.answer, "bundle": a, "reference": b}
                               for it, a, b, s in zip(items, bundle.predictions, reference.predictions, same) if not s]
     return out
+
+
+def answer_rows(items: list[EvalItem], result: SystemResult) -> list[dict]:
+    """One row per item, in the items' order: its line, prompt and answer, the prediction, its
+    scores, the seconds it took and its error (None when it was answered)."""
+    errors = result.errors or [None] * len(items)
+    rows = []
+    for it, pred, sec, err in zip(items, result.predictions, result.seconds, errors):
+        exact, has = score(pred, it.answer)
+        rows.append({"line": it.line, "prompt": it.prompt, "answer": it.answer, "kind": it.kind,
+                     "images": [str(p) for p in it.images], "videos": [str(p) for p in it.videos],
+                     "prediction": pred, "exact": exact, "contains": has, "seconds": sec, "error": err})
+    return rows
+
+
+def write_answers(path: Path, rows: list[dict]) -> None:
+    """``rows`` as JSONL, or as Parquet when ``path`` ends in ``.parquet`` (needs pyarrow: the
+    ``[ray]`` extra)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            try:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise RuntimeInputError(f"--output {path}: Parquet needs pyarrow: pip install 'qwen3vl-compile[ray]'") from None
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise OutputError(f"--output {path}: cannot write ({e.strerror or e})") from None
 
 
 def _progress(label: str, enabled: bool):
@@ -279,6 +355,10 @@ def _print_table(r: dict) -> None:
     if len(kinds) > 1:
         print("by kind (exact): " + ", ".join(
             f"{k} {v:.0%}" + (f" / {r['reference']['by_kind'][k]:.0%}" if "reference" in r else "") for k, v in kinds.items()))
+    if r.get("failed"):
+        print(f"failed: {len(r['failed'])} of {r['items']} items (scored as wrong)")
+        for f in r["failed"][:10]:
+            print(f"  line {f['line']}: {f['error']}")
     if "agreement" in r:
         print(f"agreement: {r['agreement']:.1%} of {r['items']} items")
         for d in r["differences"][:10]:
@@ -300,6 +380,15 @@ def _parser():
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object with every figure and difference")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--output", type=Path, default=None,
+                   help="write each item's answer, scores, seconds and error (JSONL, or Parquet if it ends in .parquet)")
+    ray = p.add_argument_group("Ray Data (the [ray] extra)")
+    ray.add_argument("--ray", action="store_true",
+                     help="answer the items on a Ray actor pool (each actor loads the bundle once); "
+                          "a failed item is recorded with its error instead of stopping the run")
+    ray.add_argument("--actors", type=int, default=1, help="with --ray: actors, each with its own copy of the model (default 1)")
+    ray.add_argument("--ray-address", default=None,
+                     help="with --ray: the cluster to join (default: a local Ray instance for this run)")
     return p
 
 
@@ -317,24 +406,50 @@ def _main(argv) -> int:
     check_threads(args.threads, "--threads", RuntimeInputError)
     whole_number(args.limit, "--limit", 0, RuntimeInputError)
     whole_number(args.max_new_tokens, "--max-new-tokens", 1, RuntimeInputError)
+    _check_ray_options(args)
     items = load_items(args.items)
     if args.limit:
         items = items[: args.limit]
-    pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss)
-    check_items(pipe, items, args.items)  # before any model work: every item, named by its line
-    if args.reference:
-        check_reference(args.reference, pipe.manifest)
     show = not args.quiet and sys.stderr.isatty()
-    bundle = run_bundle(pipe, items, args.max_new_tokens, _progress("bundle", show), source=args.items)
-    reference = None
-    if args.reference:
-        reference = run_reference(args.reference, items, args.max_new_tokens, pipe.chat.decode, _progress("reference", show))
+    if args.ray:
+        from ..batch import answer_items
+
+        bundle = answer_items(args.bundle, items, actors=args.actors, threads=args.threads,
+                              max_new_tokens=args.max_new_tokens, on_miss=args.on_miss, address=args.ray_address,
+                              source=args.items, progress=_progress("bundle", show))
+        reference = None
+    else:
+        pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss)
+        check_items(pipe, items, args.items)  # before any model work: every item, named by its line
+        if args.reference:
+            check_reference(args.reference, pipe.manifest)
+        bundle = run_bundle(pipe, items, args.max_new_tokens, _progress("bundle", show), source=args.items)
+        reference = None
+        if args.reference:
+            reference = run_reference(args.reference, items, args.max_new_tokens, pipe.chat.decode, _progress("reference", show))
+    if args.output is not None:
+        write_answers(args.output, answer_rows(items, bundle))
     result = report(items, bundle, reference)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:
         _print_table(result)
     return 0
+
+
+def _check_ray_options(args) -> None:
+    """The one check of --ray, --actors and --ray-address (before the items are read)."""
+    from ..errors import UsageError
+    from ..options import whole_number
+
+    if not args.ray:
+        given = [flag for flag, value in (("--actors", args.actors != 1), ("--ray-address", args.ray_address)) if value]
+        if given:
+            raise UsageError(f"{' and '.join(given)} {'need' if len(given) > 1 else 'needs'} --ray")
+        return
+    whole_number(args.actors, "--actors", 1, UsageError)
+    if args.reference:
+        raise UsageError("--reference runs Hugging Face in this process, item after item: run it without --ray")
 
 
 if __name__ == "__main__":

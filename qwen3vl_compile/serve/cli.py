@@ -64,6 +64,14 @@ def _parser():
     p.add_argument("--skip-hash-check", action="store_true", help="serve even if files differ from the manifest's hashes")
     p.add_argument("--public-key", default=None, help="PEM public key: refuse a bundle not signed by its private key")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    ray = p.add_argument_group("Ray Serve (the [ray] extra)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve with Ray Serve replicas, each its own engine (--threads ONNX Runtime threads and Ray CPUs)")
+    ray.add_argument("--replicas", type=int, default=None, help="with --ray: replicas (default 1)")
+    ray.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                     help="with --ray: let Ray Serve scale between MIN and MAX replicas (instead of --replicas)")
+    ray.add_argument("--ray-address", default=None,
+                     help="with --ray: the cluster to join (default: a local Ray instance for this server)")
     return p
 
 
@@ -92,6 +100,29 @@ def _check(args) -> None:
         raise UsageError("--max-waiting must be >= 0 and --prepare-workers >= 1")
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("--api-key is empty")
+    _check_ray(args)
+
+
+def _check_ray(args) -> None:
+    """The one check of --ray, --replicas, --autoscale and --ray-address; ``args.autoscale``
+    becomes ``(MIN, MAX)`` and ``args.replicas`` a number (default 1)."""
+    given = [flag for flag, value in (("--replicas", args.replicas is not None), ("--autoscale", args.autoscale),
+                                      ("--ray-address", args.ray_address)) if value]
+    if not args.ray:
+        if given:
+            raise UsageError(f"{' and '.join(given)} {'need' if len(given) > 1 else 'needs'} --ray")
+        return
+    if args.replicas is not None and args.autoscale is not None:
+        raise UsageError("give --replicas or --autoscale MIN:MAX, not both")
+    if args.replicas is None:
+        args.replicas = 1
+    if args.replicas < 1:
+        raise UsageError(f"--replicas must be a whole number >= 1, got {args.replicas}")
+    if args.autoscale is not None:
+        low, sep, high = args.autoscale.partition(":")
+        if not (sep and low.isdigit() and high.isdigit() and int(low) <= int(high) and int(high) >= 1):
+            raise UsageError(f"--autoscale {args.autoscale!r}: give MIN:MAX replicas, 0 <= MIN <= MAX, MAX >= 1 (e.g. 1:4)")
+        args.autoscale = (int(low), int(high))
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -115,29 +146,75 @@ def _bind(host: str, port: int) -> socket.socket:
 def _run(argv) -> int:
     args = _parser().parse_args(argv)
     _check(args)
-    uvicorn = _import_stack()
-    from ..cli_io import video_options
-    from ..runtime.pipeline import Pipeline
-    from .app import ServeOptions, create_app
-    from .media import MediaPolicy
+    media_dir = _media_dir(args)
+    if args.ray:
+        from .ray_serve import serve_replicas
 
-    media_dir = None
-    if args.allowed_media_dir is not None:
-        media_dir = Path(os.path.realpath(args.allowed_media_dir))
-        if not media_dir.is_dir():
-            raise UsageError(f"--allowed-media-dir {args.allowed_media_dir!r} is not a directory")
+        _import_stack()
+        return serve_replicas(args, lambda name: serve_options(args, name, media_dir), load_options(args))
+    uvicorn = _import_stack()
+    from ..runtime.pipeline import Pipeline
+    from .app import create_app
+
     sock = _bind(args.host, args.port)  # before the model loads: a busy port fails at once
-    say = lambda msg: print(f"qwen3vl-serve: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     try:
-        pipe = Pipeline.load(args.bundle, threads=args.threads, on_miss=args.on_miss, skip_hash_check=args.skip_hash_check,
-                             public_key=args.public_key, max_batch=args.max_batch, max_length=args.max_length,
-                             vision_cache_mb=args.vision_cache_mb, max_waiting=args.max_waiting, log=say,
-                             reuse_prefix=not args.no_prefix_reuse, **video_options(args))
+        pipe = Pipeline.load(args.bundle, log=say, **load_options(args))
     except BaseException:
         sock.close()
         raise
-    name = args.model_name or str((pipe.manifest.get("source") or {}).get("model") or Path(args.bundle).resolve().name)
-    options = ServeOptions(
+    name = model_name(args, pipe.manifest)
+    app = create_app(pipe, serve_options(args, name, media_dir))
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=max(1, round(args.shutdown_timeout)),
+                            lifespan="on", server_header=False)
+    host, port = sock.getsockname()[:2]
+    say(f"serving {name!r} (context {pipe.context_length} tokens, {args.max_batch} slot(s), up to {args.max_waiting} "
+        f"waiting) at {_url(host, port)}" + (" with an API key" if args.api_key else ""))
+    try:
+        _Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+        pipe.close(timeout=0)  # already closed by the app's shutdown, unless startup failed
+    say("stopped")
+    return 0
+
+
+def say(msg: str) -> None:
+    print(f"qwen3vl-serve: {msg}", file=sys.stderr, flush=True)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://{host if ':' not in host else f'[{host}]'}:{port}/v1"
+
+
+def _media_dir(args) -> Path | None:
+    if args.allowed_media_dir is None:
+        return None
+    media_dir = Path(os.path.realpath(args.allowed_media_dir))
+    if not media_dir.is_dir():
+        raise UsageError(f"--allowed-media-dir {args.allowed_media_dir!r} is not a directory")
+    return media_dir
+
+
+def load_options(args) -> dict:
+    """``Pipeline.load``'s keywords from the options (one engine: the server's, or a replica's)."""
+    from ..cli_io import video_options
+
+    return dict(threads=args.threads, on_miss=args.on_miss, skip_hash_check=args.skip_hash_check,
+                public_key=args.public_key, max_batch=args.max_batch, max_length=args.max_length,
+                vision_cache_mb=args.vision_cache_mb, max_waiting=args.max_waiting,
+                reuse_prefix=not args.no_prefix_reuse, **video_options(args))
+
+
+def model_name(args, manifest: dict) -> str:
+    return args.model_name or str((manifest.get("source") or {}).get("model") or Path(args.bundle).resolve().name)
+
+
+def serve_options(args, name: str, media_dir: Path | None):
+    """The app's :class:`~.app.ServeOptions` from the options."""
+    from .app import ServeOptions
+    from .media import MediaPolicy
+
+    return ServeOptions(
         model_name=name, api_key=args.api_key,
         media=MediaPolicy(allowed_dir=media_dir, allow_url_fetch=args.allow_url_fetch,
                           url_timeout_s=args.url_timeout,
@@ -146,20 +223,6 @@ def _run(argv) -> int:
         max_body_bytes=int(args.max_body_mb * 2**20), max_waiting=args.max_waiting,
         prepare_workers=args.prepare_workers, shutdown_timeout=args.shutdown_timeout,
     )
-    app = create_app(pipe, options)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=max(1, round(args.shutdown_timeout)),
-                            lifespan="on", server_header=False)
-    host, port = sock.getsockname()[:2]
-    say(f"serving {name!r} (context {pipe.context_length} tokens, {args.max_batch} slot(s), up to {args.max_waiting} "
-        f"waiting) at http://{host if ':' not in host else f'[{host}]'}:{port}/v1"
-        + (" with an API key" if args.api_key else ""))
-    try:
-        _Server(config).run(sockets=[sock])
-    finally:
-        sock.close()
-        pipe.close(timeout=0)  # already closed by the app's shutdown, unless startup failed
-    say("stopped")
-    return 0
 
 
 def _server_class():
