@@ -2,18 +2,27 @@
 OpenAI's own client with the same greedy text as the single-process server, plain and streamed,
 with and without an image, and give the same OpenAI error shape; a corrupt bundle makes the
 deployment refuse to start with one line (every replica verifies the bundle before it serves);
-the Ray options are checked in one place.
+a replica killed mid-load is replaced, and every request of the load either gets its answer or
+a clean error in OpenAI's shape (the proxy's middleware, checked alone too); the Ray options are
+checked in one place.
 
 Each server is a child process with a bounded start, always stopped (SIGTERM: it shuts Ray
 Serve and its local Ray instance down; then SIGKILL)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
 import io
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +99,199 @@ def test_two_replicas_answer_as_the_single_process_server(vision_bundle, single_
         assert server.stop(timeout=120) == 0  # Serve, its replicas and the local Ray instance shut down
     log = (tmp_path / "ray.log").read_text()
     assert "with 2 replica(s) on Ray Serve at http://127.0.0.1:" in log and "stopped" in log, log
+
+
+LONG = 48  # completion tokens of the killing load's requests: each stays in flight a while
+CLIENTS, PER_CLIENT = 4, 4
+
+
+def _replica_pids(server) -> list[int]:
+    """The processes of the server's Ray Serve replicas (under its local Ray instance, titled
+    ``ray::ServeReplica:...``)."""
+    import psutil
+
+    pids = []
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if "ServeReplica:" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return sorted(pids)
+
+
+def _two_replicas(server, without: int | None = None) -> list[int] | None:
+    """The 2 replicas' pids, once there are 2 and ``without`` is not one of them; else None."""
+    pids = _replica_pids(server)
+    return pids if len(pids) == 2 and without not in pids else None
+
+
+def _wait_for(what, predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.5)
+    return value
+
+
+def _ask(client, model, i: int, stream: bool, first_piece=None) -> str:
+    """Request ``i`` of REQUESTS, greedy, LONG tokens: its text (errors raised as the client raises them)."""
+    kw = dict(model=model, messages=REQUESTS[i], max_tokens=LONG, temperature=0)
+    if not stream:
+        return client.chat.completions.create(**kw).choices[0].message.content
+    pieces = []
+    with client.chat.completions.create(**kw, stream=True) as chunks:
+        for c in chunks:
+            if c.choices and c.choices[0].delta.content:
+                pieces.append(c.choices[0].delta.content)
+                if first_piece is not None:
+                    first_piece.set()
+    return "".join(pieces)
+
+
+def _outcome(call) -> tuple[str, str]:
+    """("ok", text), ("5xx", code): a 5xx in OpenAI's error shape, ("stream-error", code): OpenAI's
+    error event in a stream already started (its 200 sent), else ("bad", what the client saw)."""
+    shape = {"message", "type", "param", "code"}
+    try:
+        return "ok", call()
+    except openai.APIStatusError as e:
+        if e.status_code >= 500 and isinstance(e.body, dict) and set(e.body) == shape and e.body["type"] == "server_error":
+            return "5xx", f"{e.status_code} {e.body['code']}"
+        return "bad", f"{type(e).__name__} {e.status_code}: {e.body!r}"
+    except openai.APIConnectionError as e:  # a hang (timeout) or a connection cut off: never acceptable
+        return "bad", f"{type(e).__name__}: {e!r} (cause {e.__cause__!r})"
+    except openai.APIError as e:
+        if isinstance(e.body, dict) and set(e.body) == shape and e.body["type"] == "server_error":
+            return "stream-error", e.body["code"]
+        return "bad", f"{type(e).__name__}: {e.body!r}"
+    except Exception as e:  # noqa: BLE001 - anything else the client raised
+        return "bad", f"{type(e).__name__}: {e}"
+
+
+@pytest.mark.slow  # starts Ray, Ray Serve and 2 replicas (3 with the replacement), kills one mid-load
+def test_a_replica_killed_mid_load_is_replaced_and_every_request_ends_cleanly(vision_bundle, tmp_path):
+    """4 clients x 4 requests (plain and streamed, with images) while one of the 2 replicas is
+    killed (SIGKILL of its process, as the kernel's OOM killer does) once a stream is under way:
+    every request gets the answer it got alone, or a clean error in OpenAI's shape (a 503 before
+    the response started, an error event in a stream already started); none hangs (every call is
+    bounded), none gets another request's text or a cut-off connection. Ray Serve starts a new
+    replica, and the two answer as before."""
+    with _server(vision_bundle, ["--ray", "--replicas", 2], tmp_path / "ray.log") as server:
+        model = server.model()
+        client = server.client()
+        solo = {(i, s): _ask(client, model, i, s) for i in range(len(REQUESTS)) for s in (False, True)}
+        assert all(solo.values()) and all(solo[i, False] == solo[i, True] for i in range(len(REQUESTS))), solo
+        before = _wait_for("2 replica processes", lambda: _two_replicas(server), 60)
+
+        streaming = threading.Event()
+        killed = []
+
+        def killer():
+            if streaming.wait(120):
+                os.kill(before[0], signal.SIGKILL)
+                killed.append(time.monotonic())
+
+        def one_client(c):
+            own = server.client()  # its own connection pool; every call bounded by client_timeout
+            out = []
+            for j in range(PER_CLIENT):
+                i, stream = (c + j) % len(REQUESTS), (c + j) % 2 == 0
+                kind, detail = _outcome(lambda: _ask(own, model, i, stream, streaming if j else None))
+                if kind == "ok" and detail != solo[i, stream]:
+                    kind, detail = "mixed", f"{detail!r} != its solo answer {solo[i, stream]!r}"
+                out.append((c, j, i, stream, kind, detail))
+            return out
+
+        t0 = time.monotonic()
+        threading.Thread(target=killer, daemon=True).start()
+        with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+            results = [r for f in [pool.submit(one_client, c) for c in range(CLIENTS)] for r in f.result(timeout=600)]
+        wall = time.monotonic() - t0
+        assert killed, "no stream started within 120 s: the replica was never killed"
+        bad = [r for r in results if r[4] not in ("ok", "5xx", "stream-error")]
+        assert not bad, bad
+        failed = [r for r in results if r[4] != "ok"]
+        print(f"load of {len(results)} requests in {wall:.1f} s; ended with an error: {failed}")
+        # The kill hit requests in flight (else this test proves nothing about them), and only those.
+        assert failed and all(r[5] in ("503 replica_unavailable", "replica_unavailable") for r in failed), failed
+
+        after = _wait_for("a new replica in place of the killed one", lambda: _two_replicas(server, without=before[0]), 180)
+        assert before[1] in after  # the other replica lived on
+        # Both replicas (the new one once Serve sends it traffic) answer as before, every request.
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            again = list(pool.map(lambda k: _outcome(lambda: _ask(server.client(), model, k % len(REQUESTS), k % 2 == 0)),
+                                  range(8), timeout=300))
+        assert again == [("ok", solo[k % len(REQUESTS), k % 2 == 0]) for k in range(8)], again
+        assert server.stop(timeout=120) == 0
+
+
+def _through(app, method="POST"):
+    """What a client gets from ``app`` behind the proxy's middleware: (status, headers, body, body messages)."""
+    from qwen3vl_compile.serve.ray_proxy import OpenAIErrors
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(OpenAIErrors(app)({"type": "http", "method": method, "path": "/v1/chat/completions"}, receive, send))
+    start = [m for m in sent if m["type"] == "http.response.start"]
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert len(start) == 1 and bodies and not bodies[-1].get("more_body", False), sent  # one whole response
+    assert all(m.get("more_body", False) for m in bodies[:-1]), sent
+    return start[0]["status"], dict(start[0]["headers"]), b"".join(m.get("body", b"") for m in bodies), len(bodies)
+
+
+def test_the_proxy_middleware_answers_in_openai_shape():
+    """The proxy's middleware alone (no Ray): what Serve's proxy does when a replica dies (returns
+    with no response, or stops a stream halfway) and its own text errors become OpenAI's shape;
+    our app's answers pass through untouched, chunk by chunk."""
+    async def nothing(scope, receive, send):  # the replica died before answering
+        return None
+
+    status, headers, body, _ = _through(nothing)
+    assert status == 503 and headers[b"content-type"] == b"application/json"
+    err = json.loads(body)["error"]
+    assert err["code"] == "replica_unavailable" and err["type"] == "server_error" and "retry" in err["message"], err
+
+    async def cut_stream(scope, receive, send):  # died mid-stream
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b'data: {"x": 1}\n\n', "more_body": True})
+
+    status, _, body, _ = _through(cut_stream)
+    events = [e[len("data: "):] for e in body.decode().split("\n\n") if e]
+    assert status == 200 and events[0] == '{"x": 1}' and events[-1] == "[DONE]", events
+    assert json.loads(events[1])["error"]["code"] == "replica_unavailable", events
+
+    async def serve_text(scope, receive, send):  # Ray Serve's own refusal, in text
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"text/plain"), (b"retry-after", b"2")]})
+        await send({"type": "http.response.body", "body": b"Deployment qwen3vl is unavailable.\nmore", "more_body": False})
+
+    status, headers, body, _ = _through(serve_text)
+    assert status == 503 and headers[b"retry-after"] == b"2"
+    assert json.loads(body) == {"error": {"message": "Deployment qwen3vl is unavailable.", "type": "server_error",
+                                          "param": None, "code": None}}
+
+    async def ours(scope, receive, send):  # our app's answers: untouched
+        await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"error": {}}', "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    assert _through(ours) == (400, {b"content-type": b"application/json"}, b'{"error": {}}', 2)
+
+    async def finished_stream(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for piece in (b"data: a\n\n", b"data: [DONE]\n\n"):
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    assert _through(finished_stream)[2:] == (b"data: a\n\ndata: [DONE]\n\n", 3)
 
 
 @pytest.mark.slow  # starts Ray and Ray Serve, whose replicas all refuse the bundle

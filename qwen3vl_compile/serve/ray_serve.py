@@ -5,7 +5,8 @@ Each replica is one engine: it loads the bundle itself (its hashes, and its sign
 and only then builds the app of :func:`~.app.create_app`, so a replica that fails verification
 never takes traffic; when every try of a replica fails, the deployment refuses to start with
 the bundle's one-line error. Ray Serve's proxy listens on ``--host``/``--port`` and spreads the
-requests over the replicas; ``/metrics`` is the metrics of the replica that answers.
+requests over the replicas; ``/metrics`` is the metrics of the replica that answers. The proxy
+answers in OpenAI's error shape when a replica dies mid-request (:mod:`.ray_proxy`).
 
 The equivalent ``serve run`` config is in the README (the import path is
 :func:`app_builder`'s: ``qwen3vl_compile.serve.ray_serve:app_builder``).
@@ -13,6 +14,7 @@ The equivalent ``serve run`` config is in the README (the import path is
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -69,6 +71,11 @@ def serve_replicas(args, make_options, load: dict) -> int:
     options = make_options(model_name(args, manifest))
     stop = threading.Event()
     previous = {}
+    # The proxy's middleware (OpenAI-shaped errors when a replica dies): in the environment of the
+    # local Ray instance started below, whose processes (the proxy's among them) inherit it.
+    from .ray_proxy import ENV, IMPORT_PATH
+
+    os.environ.setdefault(ENV, IMPORT_PATH)
     try:
         with connected(args.ray_address):  # Ray for as long as we serve
             from ray import serve
