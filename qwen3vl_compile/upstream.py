@@ -16,7 +16,7 @@ import importlib.metadata
 from .errors import LoadError
 
 TESTED: dict[str, str] = {
-    "transformers": ">=5.20,<5.40",
+    "transformers": ">=5.20,<5.25",
     "torch": ">=2.13,<2.14",
     "onnxscript": ">=0.7,<0.8",
     "onnx-ir": ">=1.1,<1.2",
