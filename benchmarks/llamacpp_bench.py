@@ -217,7 +217,8 @@ def main() -> int:
         raise SystemExit(f"llamacpp_bench: the bundle's source checkpoint {checkpoint} is not there")
     bin_dir = build(src)
     quants = [q for q in args.quants.split(",") if q]
-    gguf = convert(src, bin_dir, checkpoint, args.work or src / "qwen3vl-gguf", quants)
+    work = args.work or src / "qwen3vl-gguf"
+    gguf = convert(src, bin_dir, checkpoint, work, quants)
     info = llama_bench_info(bin_dir, gguf[quants[0]], args.threads)
     log(f"llama.cpp {info['build_commit']} ({info['build_number']}), {info['cpu_info']}")
 
@@ -241,8 +242,7 @@ def main() -> int:
     vision = {"qwen3vl-compile vision fp32": ort_session(args.bundle[0] / "vision_448.onnx", args.threads)}
     if args.vision_int8:
         vision["qwen3vl-compile vision int8"] = ort_session(args.vision_int8 / "vision_448.onnx", args.threads)
-    image = args.work or src / "qwen3vl-gguf"
-    image = image / "image-448.png"
+    image = work / "image-448.png"
     Image.open(Path(__file__).resolve().parent.parent / "qwen3vl_compile" / "assets" / "sample.png").convert("RGB").resize(
         (448, 448), Image.Resampling.BICUBIC).save(image)
 
